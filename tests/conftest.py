@@ -1,0 +1,27 @@
+"""Shared fixtures: the device fixture (cpu always, cuda when present) and deterministic seeding.
+
+Nothing here touches the GPU at import time."""
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    # Triton kernels run on the CPU through the interpreter where there is no GPU; must be set
+    # before any @triton.jit function is defined.
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
