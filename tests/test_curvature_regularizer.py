@@ -1,0 +1,252 @@
+"""fastcurv.regularizers.Curvature: gradients of ``mean l + alpha mean ||grad l_i||^2`` against an
+exact micro-batch loop (itself checked against central finite differences), in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fastcurv.regularizers import Curvature
+
+pytestmark = pytest.mark.filterwarnings("ignore:fastcurv._C is not available")
+
+B = 4
+ALPHA = 0.3  # large enough that the penalty's gradient is a sizeable part of the total
+
+
+@pytest.fixture(autouse=True)
+def f64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def squared_error(out, y):
+    return 0.5 * (out - y).square().flatten(1).sum(1)
+
+
+# ---------------------------------------------------------------- models
+def tanh_mlp():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    return model, torch.randn(B, 3), torch.randint(0, 3, (B,)), ce
+
+
+def cnn_eval_batchnorm():
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(27, 3)
+    )
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    nn.init.uniform_(model[1].weight, 0.5, 1.5)
+    nn.init.uniform_(model[1].bias, -0.3, 0.3)
+    model.eval()
+    return model, torch.randn(B, 2, 3, 3), torch.randint(0, 3, (B,)), ce
+
+
+class EmbedSeq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(6, 4, padding_idx=0)
+        self.proj = nn.Linear(4, 2)
+
+    def forward(self, tokens):
+        return self.proj(torch.tanh(self.embed(tokens)))
+
+
+def embedding_seq_linear():
+    tokens = torch.tensor([[1, 2, 2, 0], [0, 3, 3, 3], [5, 4, 1, 1], [2, 0, 5, 2]])
+    return EmbedSeq(), tokens, torch.randn(B, 4, 2), squared_error
+
+
+def layernorm_model():
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+    nn.init.uniform_(model[1].weight, 0.5, 1.5)
+    nn.init.uniform_(model[1].bias, -0.3, 0.3)
+    return model, torch.randn(B, 3, 4), torch.randn(B, 3, 3), squared_error
+
+
+MODELS = [tanh_mlp, cnn_eval_batchnorm, embedding_seq_linear, layernorm_model]
+
+
+# ---------------------------------------------------------------- references
+def objective_by_loop(model, x, y, loss_fn, alpha, create_graph=True):
+    """mean_i l_i + alpha mean_i ||grad l_i||^2, one example per micro-batch (the literal definition)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0.0
+    for i in range(x.shape[0]):
+        l_i = loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum()
+        g_i = torch.autograd.grad(l_i, params, create_graph=create_graph)
+        total = total + (l_i + alpha * sum(g.square().sum() for g in g_i)) / x.shape[0]
+    return total
+
+
+def gradient_by_loop(model, x, y, loss_fn, alpha):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(objective_by_loop(model, x, y, loss_fn, alpha), params)
+
+
+def gradient_by_torch_func(model, x, y, loss_fn, alpha):
+    """The same gradient with per-example gradients from vmap(grad) under an outer autograd.grad."""
+    params = dict(model.named_parameters())
+
+    def loss_one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    sqnorms = sum(g.flatten(1).square().sum(1) for g in per_example.values())
+    objective = loss_fn(model(x), y).mean() + alpha * sqnorms.mean()
+    return torch.autograd.grad(objective, list(params.values()))
+
+
+def gradient_by_fastcurv(model, x, y, loss_fn, alpha):
+    reg = Curvature(model, alpha)
+    model.zero_grad(set_to_none=True)
+    with reg.track():
+        out = model(x)
+    per_example = loss_fn(out, y)
+    (per_example.mean() + reg(per_example)).backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad], reg
+
+
+# ---------------------------------------------------------------- tests
+def test_loop_reference_matches_central_finite_differences():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(3, 2), torch.randint(0, 2, (3,))
+    analytic = torch.cat([g.flatten() for g in gradient_by_loop(model, x, y, ce, ALPHA)])
+    eps = 1e-5
+    numeric = []
+    for p in model.parameters():
+        flat = p.data.view(-1)
+        for k in range(flat.numel()):
+            orig = flat[k].item()
+            flat[k] = orig + eps
+            plus = objective_by_loop(model, x, y, ce, ALPHA, create_graph=False).item()
+            flat[k] = orig - eps
+            minus = objective_by_loop(model, x, y, ce, ALPHA, create_graph=False).item()
+            flat[k] = orig
+            numeric.append((plus - minus) / (2 * eps))
+    torch.testing.assert_close(analytic, torch.tensor(numeric), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
+def test_gradient_matches_micro_batch_loop(make, device):
+    model, x, y, loss_fn = make()
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    expected = gradient_by_loop(model, x, y, loss_fn, ALPHA)
+    got, reg = gradient_by_fastcurv(model, x, y, loss_fn, ALPHA)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+    # logging: last per-example norms are the literal ones, detached
+    s_ref = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i in range(B):
+        g_i = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum(), params)
+        s_ref.append(sum(g.square().sum() for g in g_i))
+    torch.testing.assert_close(reg.last_sqnorms, torch.stack(s_ref), rtol=1e-10, atol=1e-12)
+    assert not reg.last_sqnorms.requires_grad
+
+
+@pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
+def test_backward_method_gives_identical_gradients(make):
+    model, x, y, loss_fn = make()
+    expected, _ = gradient_by_fastcurv(model, x, y, loss_fn, ALPHA)
+    reg = Curvature(model, ALPHA)
+    model.zero_grad(set_to_none=True)
+    with reg.track():
+        out = model(x)
+    per_example = loss_fn(out, y)
+    penalty = reg.backward(per_example)
+    assert not penalty.requires_grad
+    torch.testing.assert_close(penalty, ALPHA * reg.last_sqnorms.mean(), rtol=0, atol=0)
+    for p, e in zip([p for p in model.parameters() if p.requires_grad], expected):
+        assert torch.equal(p.grad, e)
+
+
+def test_penalty_value_and_capture_released():
+    model, x, y, loss_fn = tanh_mlp()
+    reg = Curvature(model, alpha=2.0)
+    with reg.track() as cap:
+        out = model(x)
+    per_example = loss_fn(out, y)
+    penalty = reg(per_example)
+    torch.testing.assert_close(penalty, 2.0 * reg.last_sqnorms.mean())
+    assert penalty.requires_grad
+    assert all(layer.output is None and layer.input is None for layer in cap.layers)
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="no tracked forward"):
+        reg(per_example)  # one call per tracked forward
+
+
+def test_frozen_parameters_excluded():
+    model, x, y, loss_fn = tanh_mlp()
+    model[0].weight.requires_grad_(False)
+    expected = gradient_by_loop(model, x, y, loss_fn, ALPHA)
+    got, _ = gradient_by_fastcurv(model, x, y, loss_fn, ALPHA)
+    assert model[0].weight.grad is None
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+def test_errors():
+    model, x, y, loss_fn = tanh_mlp()
+    with pytest.raises(RuntimeError, match="no tracked forward"):
+        Curvature(model, 1.0)(torch.zeros(B))
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        Curvature(model, -1.0)
+    with pytest.raises(TypeError, match="ConvTranspose1d.*not supported"):
+        Curvature(nn.Sequential(nn.ConvTranspose1d(2, 2, 2)), 1.0)
+    bn_model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))  # train mode
+    reg = Curvature(bn_model, 1.0)
+    with pytest.raises(RuntimeError, match="examples interact"):
+        with reg.track():
+            bn_model(x)
+    reg = Curvature(model, 1.0)
+    with reg.track():
+        out = model(x)
+    with pytest.raises(ValueError, match="per-example losses"):
+        reg(loss_fn(out, y).mean())
+
+
+def test_layernorm_torch_func_second_derivatives():
+    """vmap(grad(...)) under an outer autograd.grad vs the exact loop, on a LayerNorm model.
+
+    Observed with torch 2.13.0 (CPU) in float64: the torch.func gradient of the penalty is wrong
+    for the parameters *below* the LayerNorm (first Linear: errors of order 1e-2 to 1e-1 against
+    the finite-difference-checked loop), while it matches to 1e-15 on the LayerNorm and later
+    parameters and on a LayerNorm-free tanh MLP (the control below). fastcurv matches the loop.
+    So the reported torch.func problem through nn.LayerNorm does occur in this version too; if a
+    torch release fixes it, the disagreement assertion fails and this docstring must be updated.
+    """
+    model, x, y, loss_fn = layernorm_model()
+    exact = gradient_by_loop(model, x, y, loss_fn, ALPHA)
+    # the loop is right below the LayerNorm: central differences on the first Linear's bias
+    eps, bias, numeric = 1e-5, model[0].bias.data, []
+    for k in range(bias.numel()):
+        orig = bias[k].item()
+        bias[k] = orig + eps
+        plus = objective_by_loop(model, x, y, loss_fn, ALPHA, create_graph=False).item()
+        bias[k] = orig - eps
+        minus = objective_by_loop(model, x, y, loss_fn, ALPHA, create_graph=False).item()
+        bias[k] = orig
+        numeric.append((plus - minus) / (2 * eps))
+    torch.testing.assert_close(exact[1], torch.tensor(numeric), rtol=1e-6, atol=1e-8)
+    ours, _ = gradient_by_fastcurv(model, x, y, loss_fn, ALPHA)
+    for g, e in zip(ours, exact):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+    func = gradient_by_torch_func(model, x, y, loss_fn, ALPHA)
+    errors = [(f - e).abs().max().item() for f, e in zip(func, exact)]
+    # parameters: 0.weight, 0.bias (below the LayerNorm), 1.weight, 1.bias, 3.weight, 3.bias
+    assert min(errors[:2]) > 1e-3, f"torch.func now agrees below the LayerNorm: {errors}"
+    assert max(errors[2:]) < 1e-10, errors
+
+    # control: without LayerNorm torch.func is exact, so the difference above is LayerNorm's
+    mlp, x2, y2, loss2 = tanh_mlp()
+    exact = gradient_by_loop(mlp, x2, y2, loss2, ALPHA)
+    for f, e in zip(gradient_by_torch_func(mlp, x2, y2, loss2, ALPHA), exact):
+        torch.testing.assert_close(f, e, rtol=1e-9, atol=1e-11)
