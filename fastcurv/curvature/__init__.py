@@ -1,0 +1,20 @@
+"""Curvature operators (Hessian, empirical Fisher) with batched products, and the algorithms that run
+on any such operator: top eigenpairs, spectral radius, trace and Frobenius-norm estimators."""
+from fastcurv.curvature._operator import CurvatureOperator, as_operator
+from fastcurv.curvature.eigen import ConvergenceWarning, spectral_radius, top_eigenvalues
+from fastcurv.curvature.estimators import frobenius_sq, quadratic_form, trace
+from fastcurv.curvature.fisher import EmpiricalFisher
+from fastcurv.curvature.hessian import Hessian
+
+__all__ = [
+    "CurvatureOperator",
+    "as_operator",
+    "Hessian",
+    "EmpiricalFisher",
+    "top_eigenvalues",
+    "spectral_radius",
+    "trace",
+    "frobenius_sq",
+    "quadratic_form",
+    "ConvergenceWarning",
+]

@@ -1,0 +1,222 @@
+"""Flat-minima metrics, one call each: the four of Jia & Su (2020)'s comparison (paper 001, sec. 7) and
+the empirical-Fisher trace.
+
+* :func:`fisher_logdet`: ``gamma_hat``, their metric (sec. 5.3, eq. 6): mean over random subsets of
+  ``ln det`` of the per-example-gradient Gram matrix.
+* :func:`robustness`: ``(1/N) sum_i ||J_x f(x_i)||_F^2`` (Sokolic et al.'s input-Jacobian metric).
+* :func:`hessian_frobenius`: ``||H||_F^2`` of the loss Hessian (Wu et al.), estimated with Rademacher probes.
+* :func:`spectral_radius` / :func:`top_hessian_eigenvalue`: ``rho(H)`` / ``lambda_max(H)`` (Keskar et al.).
+* :func:`fisher_trace`: ``(1/N) sum_i ||grad l_i||^2`` (the empirical-Fisher trace, paper 003).
+
+All are "lower is flatter". The paper evaluates the Hessian metrics on sampled subsets of the training
+set and averages; pass such a subset (or an iterable of batches) as ``data``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcurv import curvature
+from fastcurv.curvature._operator import check_fixed_function
+
+__all__ = [
+    "fisher_logdet",
+    "fisher_trace",
+    "robustness",
+    "hessian_frobenius",
+    "spectral_radius",
+    "top_hessian_eigenvalue",
+    "SingularGramError",
+]
+
+
+class SingularGramError(ValueError):
+    """The per-example-gradient Gram matrix of a subset is singular, so its log-determinant is undefined."""
+
+
+def _hard_labels(y: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """Class indices from hard labels ``[N]`` or soft / one-hot labels ``[N, C]`` (argmax)."""
+    if not isinstance(y, torch.Tensor) or y.shape[:1] != (n,):
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{what}: expected labels of shape [{n}] or [{n}, C], got {shape}")
+    if y.dim() == 1 and not y.is_floating_point():
+        return y
+    if y.dim() == 2:
+        return y.argmax(1)
+    raise ValueError(f"{what}: labels must be integer class indices [N] or soft/one-hot labels [N, C], got "
+                     f"{y.dtype} of shape {tuple(y.shape)}")
+
+
+def _check_inputs(model: nn.Module, x: torch.Tensor, what: str) -> int:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what}: expected inputs x with a non-empty batch dimension, got {shape}")
+    check_fixed_function(model, False, what)
+    return x.shape[0]
+
+
+def _check_all_captured(cap, model: nn.Module, what: str) -> None:
+    """The Gram / norms must cover every trainable parameter; a layer the capture layer skipped would
+    make them silently too small."""
+    captured = {id(p) for _, p in cap.params}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in captured]
+    if missing:
+        raise RuntimeError(f"{what}: parameters {missing} are not in any layer the capture layer supports (or "
+                           f"their layer was not called), so per-example gradients would be incomplete")
+
+
+def _per_example_ce(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, what: str) -> torch.Tensor:
+    logits = model(x)
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"{what}: the model must return logits of shape [N, C] = [{x.shape[0]}, C], "
+                         f"got {tuple(logits.shape)}")
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def fisher_logdet(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    subset_size: int,
+    trials: int,
+    seed: int = 0,
+    jitter: float = 0.0,
+) -> float:
+    """``gamma_hat = (1/trials) sum_t ln det G_{S_t}`` (Jia & Su 2020, eq. 5-6).
+
+    For each trial a subset ``S_t`` of ``subset_size`` examples (N' in the paper) is drawn without
+    replacement from ``x`` (seeded by ``seed``, on the CPU). ``G_{S_t}[i, j] = <grad l_i, grad l_j>`` is the
+    Gram matrix of the per-example gradients of the cross-entropy ``l_i`` with the given labels (hard
+    labels ``[N]``; soft or one-hot ``[N, C]`` are turned into their argmax), computed from captured
+    activations and deltas (``cap.per_example_gram``), never the ``N' x P`` Jacobian. ``ln det`` is taken
+    with float64 ``slogdet``. The model must be in eval mode (no dropout, no batch statistics).
+
+    ``G`` is singular when ``subset_size > P`` or when per-example gradients are linearly dependent (e.g.
+    examples fitted to ~zero loss); this raises :class:`SingularGramError` unless ``jitter > 0``, which adds
+    ``jitter * mean(diag G) * I`` before the determinant (a relative ridge; it biases ``gamma_hat``, so
+    compare models only at equal ``jitter``).
+    """
+    n = _check_inputs(model, x, "fisher_logdet")
+    labels = _hard_labels(y, n, "fisher_logdet")
+    if isinstance(subset_size, bool) or not isinstance(subset_size, int) or not 1 <= subset_size <= n:
+        raise ValueError(f"fisher_logdet: subset_size must be an integer in [1, N = {n}], got {subset_size!r}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"fisher_logdet: trials must be a positive integer, got {trials!r}")
+    if not jitter >= 0:
+        raise ValueError(f"fisher_logdet: jitter must be >= 0, got {jitter!r}")
+    from fastcurv.capture import capture
+
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for t in range(trials):
+        idx = torch.randperm(n, generator=generator)[:subset_size].to(x.device)
+        with capture(model) as cap:
+            losses = _per_example_ce(model, x[idx], labels[idx], "fisher_logdet")
+            gram = cap.per_example_gram(losses).detach().double()
+        _check_all_captured(cap, model, "fisher_logdet")
+        if jitter > 0:
+            gram = gram + jitter * gram.diagonal().mean() * torch.eye(subset_size, dtype=gram.dtype, device=gram.device)
+        sign, logabsdet = torch.linalg.slogdet(gram)
+        if sign.item() <= 0 or not math.isfinite(logabsdet.item()):
+            raise SingularGramError(
+                f"fisher_logdet: the per-example-gradient Gram matrix of trial {t} is singular or not positive "
+                f"definite (sign {sign.item():g}, ln|det| {logabsdet.item():g}); subset_size = {subset_size} "
+                f"examples vs P = {num_params} parameters (rank <= min of the two), and examples with ~zero "
+                f"loss have ~zero gradients. Use a smaller subset_size, or pass jitter > 0 (adds "
+                f"jitter * mean(diag) * I)."
+            )
+        total += logabsdet.item()
+    return total / trials
+
+
+def fisher_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
+    """``(1/N) sum_i ||grad_theta l_i||^2`` with ``l_i`` the cross-entropy of example ``i`` (labels as in
+    :func:`fisher_logdet`): the trace of the empirical Fisher, from per-example squared norms of captured
+    activations and deltas. ``batch_size`` bounds how many examples go through the model at once."""
+    n = _check_inputs(model, x, "fisher_trace")
+    labels = _hard_labels(y, n, "fisher_trace")
+    step = n if batch_size is None else batch_size
+    if step < 1:
+        raise ValueError(f"fisher_trace: batch_size must be >= 1, got {batch_size!r}")
+    from fastcurv.capture import capture
+
+    total = 0.0
+    for start in range(0, n, step):
+        with capture(model) as cap:
+            losses = _per_example_ce(model, x[start : start + step], labels[start : start + step], "fisher_trace")
+            total += cap.per_example_sqnorms(losses).detach().double().sum().item()
+        _check_all_captured(cap, model, "fisher_trace")
+    return total / n
+
+
+def robustness(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> float:
+    """``(1/N) sum_i ||J_x f(x_i)||_F^2``, the squared Frobenius norm of the input-output Jacobian, averaged.
+
+    One forward per batch and one backward batched over the ``C`` output coordinates
+    (``is_grads_batched``): because examples do not interact in eval mode, the gradient of
+    ``sum_i f_c(x_i)`` w.r.t. ``x`` holds every example's row ``c`` of its Jacobian at once. Cost is about
+    ``C`` backward passes (vmapped), memory ``C`` times one input gradient; use ``batch_size`` to bound it.
+    (Paper 001 writes ``||J||_2^2``; this is the Frobenius form, as in Sokolic et al.'s regularizer.)
+    """
+    n = _check_inputs(model, x, "robustness")
+    if not x.is_floating_point():
+        raise TypeError(f"robustness: inputs must be floating point to differentiate, got {x.dtype}")
+    step = n if batch_size is None else batch_size
+    if step < 1:
+        raise ValueError(f"robustness: batch_size must be >= 1, got {batch_size!r}")
+    total = 0.0
+    for start in range(0, n, step):
+        xb = x[start : start + step].detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = model(xb)
+            if out.dim() == 0 or out.shape[0] != xb.shape[0]:
+                raise ValueError(f"robustness: the model must return outputs with batch dimension {xb.shape[0]}, "
+                                 f"got {tuple(out.shape)}")
+            flat = out.reshape(xb.shape[0], -1)
+            C = flat.shape[1]
+            if not flat.requires_grad:  # output independent of the input
+                continue
+            # Selector c: all-ones in column c of every example, batched over c.
+            selectors = torch.eye(C, dtype=flat.dtype, device=flat.device)[:, None, :].expand(C, xb.shape[0], C)
+            (jac,) = torch.autograd.grad(flat, xb, grad_outputs=selectors, is_grads_batched=True, allow_unused=True,
+                                         materialize_grads=True)
+        total += jac.double().square().sum().item()
+    return total / n
+
+
+def hessian_frobenius(
+    model: nn.Module,
+    loss_fn,
+    data,
+    num_probes: int = 64,
+    seed: int = 0,
+    params=None,
+    probe_batch_size: int = 32,
+    return_stderr: bool = False,
+):
+    """``||H||_F^2`` (the squared Frobenius norm, as in paper 001's comparison) of the Hessian of the mean
+    loss over ``data`` (see :class:`fastcurv.curvature.Hessian`), estimated as ``E ||H z||^2`` over
+    ``num_probes`` Rademacher probes. ``return_stderr=True`` also returns the estimate's standard error."""
+    H = curvature.Hessian(model, loss_fn, data, params)
+    return curvature.frobenius_sq(H, num_probes=num_probes, seed=seed, probe_batch_size=probe_batch_size,
+                                  return_stderr=return_stderr)
+
+
+def spectral_radius(model: nn.Module, loss_fn, data, tol: float = 1e-4, max_iter: int | None = None,
+                    method: str = "lanczos", seed: int = 0, params=None) -> float:
+    """``rho(H) = max |lambda(H)|`` of the Hessian of the mean loss over ``data`` (Lanczos by default)."""
+    H = curvature.Hessian(model, loss_fn, data, params)
+    return curvature.spectral_radius(H, tol=tol, max_iter=max_iter, method=method, seed=seed)
+
+
+def top_hessian_eigenvalue(model: nn.Module, loss_fn, data, tol: float = 1e-4, max_iter: int | None = None,
+                           method: str = "lanczos", seed: int = 0, params=None) -> float:
+    """``lambda_max(H)``, the largest algebraic eigenvalue of the Hessian of the mean loss over ``data``
+    (equal to the spectral radius at a minimum, where ``H`` is positive semi-definite)."""
+    H = curvature.Hessian(model, loss_fn, data, params)
+    values, _ = curvature.top_eigenvalues(H, k=1, tol=tol, max_iter=max_iter, which="LA", method=method, seed=seed)
+    return values[0].item()
