@@ -1,0 +1,148 @@
+"""Metric regularization and Selective L2 (paper 002, Jarvis, sections 3.8-3.9 and Table 4.1).
+
+Both use ``d = H thetabar``: the Hessian ``H`` of the batch loss times the current parameters taken
+as a constant (``thetabar = theta.detach()``), from ONE Hessian-vector product,
+``d = grad_theta (thetabar . grad_theta L)`` (the thesis's section 3.8; H is symmetric, so
+``thetabar^T H = H thetabar``). The Hessian is never formed.
+
+Update rules (Table 4.1, in the trainers' convention ``theta -= lr * (grad L + grad penalty)`` of
+SCIENCE.md section 5, so every regularization term is scaled by the learning rate):
+
+* Metric: ``theta -= lr * (grad L + lam * thetabar^T H)``;
+* Selective L2: ``theta -= lr * (grad L + lam * mask * theta)``, with
+  ``mask_j = |thetabar^T H|_j < omega * max_{j' in same tensor} |thetabar^T H|_{j'}``.
+
+"Absolute" (the thesis, end of section 4.3): away from a critical point the Hessian is not positive
+definite, so the thesis uses "the absolute value of the Expected Hessian in our regularizers" and
+writes the Selective L2 condition with ``|thetabar^T H|``. The thesis computes everything from the
+product ``thetabar^T H`` (one HVP); a matrix absolute value (Dauphin et al.'s ``|H|`` from an
+eigendecomposition) cannot be obtained that way. So ``absolute=True`` takes the elementwise absolute
+value of the product: update term ``lam * |thetabar^T H|``. Selective L2 always uses ``|thetabar^T H|``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastcurv.regularizers.norms import Regularizer, check_coefficient, trainable_parameters
+
+__all__ = ["Metric", "SelectiveL2", "hessian_parameter_product"]
+
+
+def _batch_loss(owner: str, loss: torch.Tensor) -> torch.Tensor:
+    """The scalar batch loss; a 1-D tensor of per-example losses is averaged (the trainers' loss)."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{owner}: expected the loss as a tensor, got {type(loss).__name__}")
+    if loss.dim() == 1:
+        loss = loss.mean()
+    elif loss.dim() != 0:
+        raise ValueError(
+            f"{owner}: expected the batch loss (a scalar) or per-example losses [B], got shape "
+            f"{tuple(loss.shape)}"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{owner}: the loss does not require grad; compute it from the model's output (not under "
+            "torch.no_grad) and call the regularizer before loss.backward()"
+        )
+    return loss
+
+
+def hessian_parameter_product(
+    owner: str, loss: torch.Tensor, params: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``H thetabar`` per parameter tensor (detached), H the Hessian of ``loss``, by one HVP.
+
+    Leaves the graph of ``loss`` intact, so the caller can still run ``loss.backward()``.
+    Parameters that ``loss`` does not depend on get zeros.
+    """
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    contraction = None
+    for p, g in zip(params, grads):
+        if g is None or not g.requires_grad:
+            continue  # p does not enter the loss, or enters only linearly: no curvature through it
+        term = (g * p.detach()).sum()
+        contraction = term if contraction is None else contraction + term
+    if contraction is None:
+        if all(g is None for g in grads):
+            raise ValueError(
+                f"{owner}: the loss does not depend on any of the model's parameters; pass the loss "
+                "computed from this model's output"
+            )
+        return [torch.zeros_like(p) for p in params]
+    # retain_graph: the double-backward pass runs through the forward graph, which the caller's
+    # loss.backward() still needs.
+    products = torch.autograd.grad(contraction, params, retain_graph=True, allow_unused=True)
+    return [
+        torch.zeros_like(p) if d is None else d.detach() for p, d in zip(params, products)
+    ]
+
+
+class Metric(Regularizer):
+    """Metric regularization (paper 002): update term ``lam * thetabar^T H`` (or ``lam * |thetabar^T H|``).
+
+    ``reg(loss)``: ``loss`` is the batch loss (a scalar; per-example losses ``[B]`` are averaged
+    first), computed from ``model``'s output and not yet backpropagated. H is the Hessian of exactly
+    that loss (of the mean loss, the thesis's expected Hessian, when you pass per-example losses or a
+    mean-reduced loss). Returns ``lam * sum_j theta_j * d_j`` with ``d = H thetabar`` (``|H thetabar|``
+    when ``absolute``) detached: its gradient w.r.t. theta is exactly ``lam * d`` and its value is
+    ``lam * thetabar^T H thetabar`` (``lam * thetabar^T |H thetabar|``).
+
+    Cost: one create_graph backward plus one double-backward pass per call, on top of the caller's
+    ``loss.backward()``. ``reg.last_direction`` holds the detached ``H thetabar`` of the last call
+    (before any absolute value), one tensor per parameter, aligned with ``reg.params``.
+    """
+
+    def __init__(self, model: nn.Module, lam: float, absolute: bool = False):
+        self.lam = check_coefficient("Metric", "lam", lam)
+        self.absolute = bool(absolute)
+        self.params = trainable_parameters("Metric", model)
+        self.last_direction: list[torch.Tensor] | None = None
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        loss = _batch_loss("Metric", loss)
+        tensors = [p for _, p in self.params]
+        direction = hessian_parameter_product("Metric", loss, tensors)
+        self.last_direction = direction
+        terms = [(p * (d.abs() if self.absolute else d)).sum() for p, d in zip(tensors, direction)]
+        return self.lam * torch.stack(terms).sum()
+
+
+class SelectiveL2(Regularizer):
+    """Selective L2 (paper 002, Table 4.1): L2 only on the parameters that matter little to the metric.
+
+    Parameter ``j`` of a parameter tensor is regularized when
+    ``|thetabar^T H|_j < omega * max over that tensor of |thetabar^T H|`` (the thesis takes the max per
+    layer; here per parameter tensor, so a layer's weight and bias are thresholded separately).
+    The mask is recomputed at every call from one Hessian-vector product (see :class:`Metric`).
+    A tensor whose ``thetabar^T H`` is all zero gets no regularization (nothing is ``< 0``).
+
+    ``reg(loss)``: ``loss`` as for :class:`Metric`. Returns ``(lam / 2) * sum_j mask_j theta_j^2``,
+    whose gradient is ``lam * mask * theta``, consistent with :class:`~fastcurv.regularizers.L2`.
+    ``reg.last_mask`` (bool tensors aligned with ``reg.params``) and ``reg.last_direction`` hold the
+    mask and ``H thetabar`` of the last call.
+    """
+
+    def __init__(self, model: nn.Module, lam: float, omega: float):
+        self.lam = check_coefficient("SelectiveL2", "lam", lam)
+        self.omega = check_coefficient("SelectiveL2", "omega", omega)
+        self.params = trainable_parameters("SelectiveL2", model)
+        self.last_direction: list[torch.Tensor] | None = None
+        self.last_mask: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def mask_from_direction(direction: torch.Tensor, omega: float) -> torch.Tensor:
+        """``|d| < omega * max |d|`` elementwise, the max taken over the whole tensor ``d``."""
+        magnitude = direction.abs()
+        if magnitude.numel() == 0:
+            return torch.zeros_like(direction, dtype=torch.bool)
+        return magnitude < omega * magnitude.max()
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        loss = _batch_loss("SelectiveL2", loss)
+        tensors = [p for _, p in self.params]
+        direction = hessian_parameter_product("SelectiveL2", loss, tensors)
+        masks = [self.mask_from_direction(d, self.omega) for d in direction]
+        self.last_direction, self.last_mask = direction, masks
+        terms = [p.pow(2).masked_fill(~m, 0).sum() for p, m in zip(tensors, masks)]
+        return 0.5 * self.lam * torch.stack(terms).sum()
