@@ -1,0 +1,436 @@
+"""The ``fastcurv`` command.
+
+* ``fastcurv --version``: version and available backends.
+* ``fastcurv compare``: train several rules from the same seeds, print a mean +- std table, write
+  ``DIR/results.json`` and PNG plots.
+* ``fastcurv train``: one run of one rule, with a checkpoint (resumable).
+* ``fastcurv sharpness CHECKPOINT``: curvature metrics of a saved model.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+# Defaults sized so that `fastcurv compare` with no options finishes in a few minutes on 2 CPU cores.
+COMPARE_RULES = "sgd,l2,curvature,fisher,subbatch,metric,selective_l2"
+COMPARE_EPOCHS = 20
+COMPARE_SEEDS = 3
+
+# Generic flags -> (hyperparameter, rules it applies to). Rule-specific meanings differ (subbatch's
+# alpha is a perturbation size, fisher's beta an L2 weight), so each flag targets the rules below only;
+# anything else goes through --set rule.key=value.
+FLAG_TARGETS = {
+    "alpha": ("alpha", ("curvature",)),
+    "lam": ("lam", ("l2", "metric", "selective_l2", "l2_stopped", "l2_stopped_selective")),
+    "gamma": ("gamma", ("fisher",)),
+    "beta": ("beta", ("subbatch",)),
+    "omega": ("omega", ("selective_l2", "l2_stopped_selective")),
+    "tau": ("tau", ("l2_stopped", "l2_stopped_selective")),
+}
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+def _version_text() -> str:
+    import fastcurv
+    from fastcurv._backend import available
+
+    backends = ", ".join(f"{name}={'yes' if ok else 'no'}" for name, ok in available().items())
+    return f"fastcurv {fastcurv.__version__} (torch {torch.__version__}; backends: {backends})"
+
+
+def _parse_rules(text: str) -> list[str]:
+    from fastcurv.train import RULES
+
+    rules = [r.strip() for r in text.split(",") if r.strip()]
+    if not rules:
+        raise UsageError(f"--rules is empty; valid rules: {', '.join(RULES)}")
+    bad = [r for r in rules if r not in RULES]
+    if bad:
+        raise UsageError(f"unknown rule(s) {', '.join(map(repr, bad))}; valid rules: {', '.join(RULES)}")
+    if len(set(rules)) != len(rules):
+        raise UsageError(f"--rules lists a rule twice: {text}")
+    return rules
+
+
+def _check_dataset(name: str) -> str:
+    from fastcurv.data import DATASETS
+
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return name
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as per_example
+
+
+def rule_options(rules: list[str], args) -> dict[str, dict]:
+    """Per-rule hyperparameter overrides from the generic flags and ``--set rule.key=value``."""
+    from fastcurv.train import DEFAULTS, RULES
+
+    options: dict[str, dict] = {r: {} for r in rules}
+    for flag, (key, targets) in FLAG_TARGETS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            for r in rules:
+                if r in targets:
+                    options[r][key] = value
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UsageError(f"--set expects rule.key=value (e.g. l2.lam=1e-3), got {item!r}")
+        lhs, value = item.split("=", 1)
+        rule, key = lhs.split(".", 1)
+        if rule not in RULES:
+            raise UsageError(f"--set {item!r}: unknown rule {rule!r}; valid rules: {', '.join(RULES)}")
+        if key not in DEFAULTS[rule]:
+            valid = ", ".join(sorted(DEFAULTS[rule])) or "none"
+            raise UsageError(f"--set {item!r}: rule {rule!r} has no hyperparameter {key!r}; valid: {valid}")
+        if rule in options:
+            options[rule][key] = _parse_value(value)
+    return options
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="digits | xor | xord | synthetic | mnist | cifar10 (default: digits)")
+    p.add_argument("--data-dir", default=None, help="folder with MNIST/CIFAR-10 files (or FASTCURV_DATA)")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    p.add_argument("--lr", type=float, default=0.05, help="initial learning rate (default 0.05)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr-drop", type=int, default=None,
+                   help="step halving lr0 * 0.5^ceil(t/lr_drop) (paper 000); default: constant lr")
+    p.add_argument("--after-first-drop", action="store_true",
+                   help="plain SGD until the first LR drop, then the rule (paper 001); needs --lr-drop")
+    p.add_argument("--loss", default="auto", choices=("auto", "cross_entropy", "hinge", "mse"),
+                   help="auto: cross-entropy (hinge for rule fisher) for classification, MSE for regression")
+    p.add_argument("--init", default="default", choices=("default", "small", "large"),
+                   help="paper 002's initialization regime (default: PyTorch's)")
+    p.add_argument("--activation", default="tanh", choices=("tanh", "relu"))
+    p.add_argument("--width", type=int, default=None, help="hidden width of the default model")
+    p.add_argument("--curvature-samples", type=int, default=256,
+                   help="training examples used for the per-epoch Hessian eigenvalue (default 256)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for flag, (key, targets) in FLAG_TARGETS.items():
+        p.add_argument(f"--{flag}", type=float if flag != "tau" else int, default=None,
+                       help=f"{key} of rule(s) {', '.join(targets)}")
+    p.add_argument("--set", action="append", metavar="RULE.KEY=VALUE",
+                   help="any rule hyperparameter, e.g. --set subbatch.num_subbatches=4 (repeatable)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastcurv", description="Curvature-aware training: compare learning rules, inspect sharpness.")
+    parser.add_argument("--version", action="store_true", help="print the version and available backends")
+    sub = parser.add_subparsers(dest="command")
+
+    cmp = sub.add_parser("compare", help="train several rules from the same seeds and compare them")
+    _add_training_args(cmp)
+    cmp.add_argument("--rules", default=COMPARE_RULES, help=f"comma-separated (default: {COMPARE_RULES})")
+    cmp.add_argument("--epochs", type=int, default=COMPARE_EPOCHS)
+    cmp.add_argument("--seeds", type=int, default=COMPARE_SEEDS, help="number of seeds (0..S-1)")
+    cmp.add_argument("--out", default="fastcurv-compare", help="output folder (results.json, plots, checkpoints)")
+    cmp.add_argument("--no-eigenvalue", action="store_true", help="skip the per-epoch top Hessian eigenvalue")
+    cmp.add_argument("--no-plots", action="store_true")
+
+    tr = sub.add_parser("train", help="train one rule once, with a resumable checkpoint")
+    _add_training_args(tr)
+    tr.add_argument("--rule", default="sgd")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--checkpoint", required=True, help="checkpoint path (written every epoch)")
+    tr.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    tr.add_argument("--track-eigenvalue", action="store_true")
+
+    sh = sub.add_parser("sharpness", help="curvature metrics of a checkpoint written by compare/train")
+    sh.add_argument("checkpoint")
+    sh.add_argument("--samples", type=int, default=256, help="training examples to measure on (default 256)")
+    sh.add_argument("--data-dir", default=None)
+    sh.add_argument("--logdet-subset", type=int, default=64, help="subset size N' of the log-det metric (default 64)")
+    sh.add_argument("--logdet-trials", type=int, default=10, help="random subsets averaged (default 10)")
+    return parser
+
+
+def _fit_kwargs(args) -> dict:
+    if args.after_first_drop and args.lr_drop is None:
+        raise UsageError("--after-first-drop needs --lr-drop (a schedule whose first drop it waits for)")
+    return dict(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum if args.optimizer == "sgd" else 0.0,
+                batch_size=args.batch_size, schedule=args.lr_drop, loss=args.loss,
+                regularize_after_first_drop=args.after_first_drop, curvature_samples=args.curvature_samples,
+                progress=False if args.quiet else None)
+
+
+def _model_for(spec: dict, seed: int):
+    from fastcurv.data import default_model
+
+    torch.manual_seed(seed)  # same initial weights for every rule run with this seed
+    return default_model(spec["dataset"], activation=spec["activation"], width=spec["width"])
+
+
+def _init_for(args) -> tuple[str, float]:
+    from fastcurv.train import regime
+
+    try:
+        return regime(args.dataset, args.init)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def _cmd_compare(args) -> int:
+    from fastcurv.data import load
+    from fastcurv.train import fit
+
+    dataset_name = _check_dataset(args.dataset)
+    rules = _parse_rules(args.rules)
+    options = rule_options(rules, args)
+    if args.seeds < 1 or args.epochs < 1:
+        raise UsageError(f"--seeds and --epochs must be >= 1, got {args.seeds} and {args.epochs}")
+    fit_kwargs = _fit_kwargs(args)
+    init_kind, init_scale = _init_for(args)
+    _check_rules_ready(rules, options, {"dataset": dataset_name, "activation": args.activation, "width": args.width}, args)
+    os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
+    spec = {"dataset": dataset_name, "activation": args.activation, "width": args.width}
+    results = {"dataset": None, "config": {k: v for k, v in vars(args).items() if k != "command"}, "rules": {}}
+    for rule in rules:
+        results["rules"][rule] = {"options": options[rule], "runs": []}
+    for seed in range(args.seeds):
+        data = load(dataset_name, seed=seed, data_dir=args.data_dir)
+        results["dataset"] = data.metadata()
+        for rule in rules:
+            model = _model_for(spec, seed)
+            ckpt = os.path.join(args.out, "checkpoints", f"{rule}_seed{seed}.pt")
+            history = fit(model, data, rule=rule, rule_options=options[rule], epochs=args.epochs, seed=seed,
+                          init=init_kind, init_scale=init_scale, track_eigenvalue=not args.no_eigenvalue,
+                          checkpoint=ckpt, model_spec={**spec, "seed": seed}, **fit_kwargs)
+            results["rules"][rule]["runs"].append({"seed": seed, "history": history.to_list()})
+            if not args.quiet:
+                last = history.last
+                metric = "test_accuracy" if data.task == "classification" else "test_error"
+                print(f"  seed {seed} {rule:<22} {metric} {last[metric]:.4f}  gap {last['gap']:+.4f}", file=sys.stderr)
+    task = results["dataset"]["task"]
+    _summarize(results, rules, task)
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=1, default=float)
+    print(_table(results, rules, task))
+    if not args.no_plots:
+        written = _plots(results, rules, task, args.out)
+        for path in written:
+            print(f"wrote {path}")
+    print(f"wrote {os.path.join(args.out, 'results.json')}")
+    return 0
+
+
+def _check_rules_ready(rules: list[str], options: dict, spec: dict, args) -> None:
+    """Build every rule on a throwaway model before training anything, so that a missing regularizer
+    module or a bad hyperparameter stops the run at once instead of after the other rules trained."""
+    from fastcurv.train import make_rule, per_example_loss
+
+    for rule in rules:
+        try:
+            make_rule(rule, **options[rule]).bind(_model_for(spec, 0), per_example_loss("cross_entropy"), args.epochs)
+        except ImportError as err:
+            raise UsageError(f"rule {rule!r} is unavailable: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"rule {rule!r}: {err}") from None
+
+
+def _summarize(results: dict, rules: list[str], task: str) -> None:
+    metric = "test_accuracy" if task == "classification" else "test_error"
+    base = "sgd" if "sgd" in rules else rules[0]
+
+    def mean_time(rule):
+        # Median over a run's epochs: robust to an epoch stalled by other processes on the machine.
+        runs = results["rules"][rule]["runs"]
+        return _mean_std([statistics.median(r["time_per_step"] for r in run["history"]) for run in runs])[0]
+
+    base_time = mean_time(base)
+    for rule in rules:
+        runs = results["rules"][rule]["runs"]
+        finals = [run["history"][-1] for run in runs]
+        summary = {"relative_to": base, "time_per_step": mean_time(rule), "relative_time": mean_time(rule) / base_time}
+        for key in (metric, "gap", "top_eigenvalue", "param_norm", "train_loss", "test_loss"):
+            mean, std = _mean_std([f.get(key, math.nan) for f in finals])
+            summary[key] = {"mean": mean, "std": std}
+        results["rules"][rule]["summary"] = summary
+
+
+def _table(results: dict, rules: list[str], task: str) -> str:
+    metric = "test_accuracy" if task == "classification" else "test_error"
+    base = results["rules"][rules[0]]["summary"]["relative_to"]
+    header = f"{'rule':<22}{metric:>22}{'gap (test-train loss)':>26}{'top Hessian eig':>22}{'time/step vs ' + base:>20}"
+    lines = [header, "-" * len(header)]
+    for rule in rules:
+        s = results["rules"][rule]["summary"]
+        cells = [f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in (metric, "gap", "top_eigenvalue")]
+        lines.append(f"{rule:<22}{cells[0]:>22}{cells[1]:>26}{cells[2]:>22}{s['relative_time']:>19.2f}x")
+    return "\n".join(lines)
+
+
+def _plots(results: dict, rules: list[str], task: str, out: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'fastcurv[plot]')", file=sys.stderr)
+        return []
+    metric = "test_accuracy" if task == "classification" else "test_error"
+    written = []
+    for key, fname in ((metric, f"{metric}.png"), ("top_eigenvalue", "top_eigenvalue.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drew = False
+        for rule in rules:
+            runs = results["rules"][rule]["runs"]
+            series = [[r.get(key, math.nan) for r in run["history"]] for run in runs]
+            if all(math.isnan(v) for s in series for v in s):
+                continue
+            epochs = [r["epoch"] for r in runs[0]["history"]]
+            stats = [_mean_std([s[i] for s in series]) for i in range(len(epochs))]
+            mean = [m for m, _ in stats]
+            std = [s for _, s in stats]
+            ax.plot(epochs, mean, label=rule)
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+            drew = True
+        plt.close(fig) if not drew else None
+        if not drew:
+            continue
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.set_title(f"{results['dataset']['name']}: {key.replace('_', ' ')} (mean ± std over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, fname)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _cmd_train(args) -> int:
+    from fastcurv.data import load
+    from fastcurv.train import RULES, fit
+
+    dataset_name = _check_dataset(args.dataset)
+    if args.rule not in RULES:
+        raise UsageError(f"unknown rule {args.rule!r}; valid rules: {', '.join(RULES)}")
+    options = rule_options([args.rule], args)[args.rule]
+    init_kind, init_scale = _init_for(args)
+    spec = {"dataset": dataset_name, "activation": args.activation, "width": args.width}
+    data = load(dataset_name, seed=args.seed, data_dir=args.data_dir)
+    model = _model_for(spec, args.seed)
+    history = fit(model, data, rule=args.rule, rule_options=options, epochs=args.epochs, seed=args.seed,
+                  init=init_kind, init_scale=init_scale, track_eigenvalue=args.track_eigenvalue,
+                  checkpoint=args.checkpoint, resume=args.resume, model_spec={**spec, "seed": args.seed},
+                  **_fit_kwargs(args))
+    for record in history:
+        print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
+    return 0
+
+
+def _cmd_sharpness(args) -> int:
+    from fastcurv.data import load
+    from fastcurv.train import load_checkpoint, per_example_loss
+    from fastcurv.train.loop import top_hessian_eigenvalue
+
+    state = load_checkpoint(args.checkpoint)
+    spec = state.get("model_spec")
+    if not spec or "dataset" not in spec:
+        raise UsageError(f"checkpoint {args.checkpoint!r} has no model description (model_spec); it was not "
+                         "written by `fastcurv compare`/`fastcurv train`. Use the Python API (fastcurv.metrics) on it")
+    model = _model_for(spec, spec.get("seed", 0))
+    model.load_state_dict(state["model_state"])
+    model.eval()
+    data = load(spec["dataset"], seed=spec.get("seed", 0), data_dir=args.data_dir)
+    x, y = data.x_train[: args.samples], data.y_train[: args.samples]
+    loss_name = state["config"]["loss"]
+    loss_fn = per_example_loss(loss_name)
+    lines = [f"checkpoint {args.checkpoint}: dataset {spec['dataset']}, rule {state['config']['rule']['rule']}, "
+             f"epoch {state['epoch']}, loss {loss_name}, {x.shape[0]} training examples"]
+    lines.append(f"{'top Hessian eigenvalue':<40}{top_hessian_eigenvalue(model, x, y, loss_fn, tol=1e-4):.6g}")
+    lines.extend(_metrics_lines(model, x, y, loss_fn, data.task, args.logdet_subset, args.logdet_trials))
+    print("\n".join(lines))
+    return 0
+
+
+def _metrics_lines(model, x, y, loss_fn, task, logdet_subset: int, logdet_trials: int) -> list[str]:
+    """Hessian trace (fastcurv.curvature), Fisher trace, log-det metric and robustness (fastcurv.metrics).
+
+    A metric whose implementation cannot be imported (an optional piece missing from this install) is
+    reported as unavailable on its own line; the others are still printed."""
+    from fastcurv import metrics
+    from fastcurv.curvature import Hessian, trace
+
+    mean_loss = lambda out, target: loss_fn(out, target).mean()  # noqa: E731
+    subset = min(logdet_subset, x.shape[0])
+
+    def logdet():
+        try:
+            return f"{metrics.fisher_logdet(model, x, y, subset, logdet_trials):.6g}"
+        except metrics.SingularGramError as err:
+            return f"undefined: {err}"
+
+    rows = [("Hessian trace (Hutchinson, 64 probes)",
+             lambda: f"{trace(Hessian(model, mean_loss, (x, y)), num_probes=64, progress=False):.6g}")]
+    if task == "classification":
+        # Both are defined with the cross-entropy of the labels (papers 001, 003), whatever the training loss.
+        rows.append(("Fisher trace (cross-entropy)", lambda: f"{metrics.fisher_trace(model, x, y):.6g}"))
+        rows.append((f"log-det metric (N'={subset}, {logdet_trials} trials)", logdet))
+    else:
+        rows.append(("Fisher trace, log-det metric", lambda: "n/a (defined for classification)"))
+    rows.append(("robustness (1/N) sum ||J_x f||_F^2", lambda: f"{metrics.robustness(model, x):.6g}"))
+    lines = []
+    for label, compute in rows:
+        try:
+            value = compute()
+        except ImportError as err:
+            value = f"unavailable ({err})"
+        lines.append(f"{label:<40}{value}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastcurv`` command; returns the exit status."""
+    from fastcurv.train import NonFiniteError
+
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(_version_text())
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    commands = {"compare": _cmd_compare, "train": _cmd_train, "sharpness": _cmd_sharpness}
+    try:
+        return commands[args.command](args)
+    except (UsageError, FileNotFoundError, ImportError, ValueError) as err:
+        print(f"fastcurv {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        print(f"fastcurv {args.command}: training diverged: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The training loop: ``fit(model, train_data, test_data, rule=..., ...)`` -> :class:`History`."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcurv.train.checkpoint import load_checkpoint, save_checkpoint
+from fastcurv.train.history import History
+from fastcurv.train.init import initialize
+from fastcurv.train.rules import NonFiniteError, Rule, make_rule
+from fastcurv.train.schedules import make_schedule
+
+LOSSES = ("auto", "cross_entropy", "mse", "hinge")
+OPTIMIZERS = ("sgd", "adam")
+# Keys of the run configuration that must match between a checkpoint and the run resuming it.
+_RESUME_KEYS = ("rule", "loss", "lr", "batch_size", "seed", "optimizer", "momentum", "schedule",
+                "regularize_after_first_drop", "track_eigenvalue", "track_fisher_trace", "curvature_samples")
+
+
+def per_example_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(out, y) -> [B]`` per-example losses; their batch mean is the usual mean-reduced loss."""
+    if name == "cross_entropy":
+        def fn(out, y):
+            return F.cross_entropy(out, y, reduction="none")
+    elif name == "mse":
+        def fn(out, y):
+            # Mean over output dims, so that the batch mean equals F.mse_loss(out, y).
+            return F.mse_loss(out, y.reshape(out.shape), reduction="none").reshape(out.shape[0], -1).mean(1)
+    elif name == "hinge":
+        from fastcurv.losses import multiclass_hinge
+
+        def fn(out, y):
+            return multiclass_hinge(out, y, reduction="none")
+    else:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+    fn.loss_name = name  # lets rules refuse losses they cannot run with
+    return fn
+
+
+def resolve_loss(loss: str, task: str, rule_name: str) -> str:
+    """``"auto"``: cross-entropy for classification (multiclass hinge for rule ``fisher``, paper 000's
+    deep SVM), MSE for regression."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+    if loss != "auto":
+        if task == "regression" and loss != "mse":
+            raise ValueError(f"loss {loss!r} needs class labels; a regression task takes loss 'mse'")
+        return loss
+    if task == "regression":
+        return "mse"
+    return "hinge" if rule_name == "fisher" else "cross_entropy"
+
+
+def _as_pair(data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"fit: {what} x has {x.shape[0]} examples (shape {tuple(x.shape)}) but y has "
+                             f"{y.shape[0]} (shape {tuple(y.shape)})")
+        if x.shape[0] == 0:
+            raise ValueError(f"fit: {what} is empty")
+        return x, y
+    raise TypeError(f"fit: {what} must be an (x, y) pair of tensors or a fastcurv.data.Dataset, got {type(data).__name__}")
+
+
+def _make_optimizer(optimizer, params, lr: float, momentum: float) -> torch.optim.Optimizer:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if callable(optimizer):
+        return optimizer(params)
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}, an Optimizer, "
+                     "or a callable params -> Optimizer")
+
+
+def parameter_norm(model: nn.Module) -> float:
+    """L2 norm of all parameters (in float64)."""
+    with torch.no_grad():
+        return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+
+
+def _check_finite_parameters(model: nn.Module, rule: str, epoch: int, step: int) -> None:
+    params = [p for p in model.parameters()]
+    if not params:
+        return
+    with torch.no_grad():
+        # One reduction and one sync for all tensors; inf/nan anywhere makes the total non-finite.
+        if torch.isfinite(torch.stack([p.detach().float().sum() for p in params]).sum()):
+            return
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()] or ["(sum overflow)"]
+    raise NonFiniteError(
+        f"rule {rule!r}: parameters became nan/inf at epoch {epoch}, step {step} (first bad: {bad[0]}); "
+        "stopping instead of training on garbage (lower the learning rate or the regularization strength)"
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, task: str,
+             chunk: int = 2048) -> tuple[float, float]:
+    """(mean loss, accuracy) for classification or (mean loss, MSE) for regression, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_metric = 0.0, 0.0
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        out = model(xb)
+        total_loss += float(loss_fn(out, yb).double().sum())
+        if task == "classification":
+            total_metric += float((out.argmax(1) == yb).double().sum())
+        else:
+            total_metric += float((out - yb.reshape(out.shape)).double().pow(2).reshape(out.shape[0], -1).mean(1).sum())
+    model.train(was_training)
+    n = x.shape[0]
+    return total_loss / n, total_metric / n
+
+
+def top_hessian_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, seed: int = 0,
+                           tol: float = 1e-3) -> float:
+    """Largest (algebraic) eigenvalue of the Hessian of the mean of ``loss_fn(model(x), y)`` (Lanczos)."""
+    from fastcurv.curvature import Hessian, top_eigenvalues
+
+    mean_loss = lambda out, target: loss_fn(out, target).mean()  # noqa: E731
+    values, _ = top_eigenvalues(Hessian(model, mean_loss, (x, y)), k=1, which="LA", tol=tol, seed=seed,
+                                progress=False)
+    return float(values[0])
+
+
+def _curvature_record(model, x, y, loss_fn, want_eigen: bool, want_fisher: bool, seed: int, epoch: int) -> dict:
+    """Top Hessian eigenvalue of the mean data loss and Fisher trace on a fixed training subset."""
+    record = {}
+    was_training = model.training
+    model.eval()
+    # The iterative solvers draw random start vectors: fork the RNG so that measuring does not change
+    # the training run, and seed it so that a resumed run measures the same numbers.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + epoch + 7)
+        if want_eigen:
+            record["top_eigenvalue"] = top_hessian_eigenvalue(model, x, y, loss_fn, seed=seed * 1_000_003 + epoch)
+        if want_fisher:
+            from fastcurv.metrics import fisher_trace
+
+            record["fisher_trace"] = float(fisher_trace(model, x, y))
+    model.train(was_training)
+    return record
+
+
+def fit(
+    model: nn.Module,
+    train_data,
+    test_data=None,
+    *,
+    rule: str | Rule = "sgd",
+    rule_options: dict | None = None,
+    optimizer="sgd",
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    epochs: int = 10,
+    batch_size: int = 64,
+    schedule=None,
+    loss: str = "auto",
+    task: str | None = None,
+    seed: int = 0,
+    init: str = "default",
+    init_scale: float = 1.0,
+    regularize_after_first_drop: bool = False,
+    track_eigenvalue: bool = False,
+    track_fisher_trace: bool = False,
+    curvature_samples: int = 256,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    device: str | torch.device | None = None,
+    model_spec: dict | None = None,
+    stop_after: int | None = None,
+) -> History:
+    """Train ``model`` in place with learning rule ``rule``; return the per-epoch :class:`History`.
+
+    Args:
+        model: the network.
+        train_data: an ``(x, y)`` pair of tensors, or a :class:`fastcurv.data.Dataset` (then its train
+            and test splits and its task are used and ``test_data`` must be ``None``).
+        test_data: an ``(x, y)`` pair (required unless ``train_data`` is a Dataset).
+        rule: a name from :data:`fastcurv.train.RULES` or a :class:`Rule`; ``rule_options`` override
+            its hyperparameters (``{"lam": 1e-3}``).
+        optimizer: ``"sgd"`` (with ``momentum``), ``"adam"``, an Optimizer over ``model``'s
+            parameters, or a callable ``params -> Optimizer``. ``lr`` is the initial learning rate.
+        epochs: total epochs (a resumed run continues up to this number).
+        batch_size: examples per step; the training set is reshuffled each epoch from ``seed`` and the
+            last incomplete batch is dropped (rule ``subbatch`` needs equal sub-batches), unless the
+            whole set is smaller than ``batch_size`` (then one full batch per epoch).
+        schedule: ``None`` (constant lr), an int ``lr_drop`` for paper 000's step halving
+            ``lr0 * 0.5 ** ceil(t / lr_drop)``, or a callable ``t -> lr`` (see :mod:`.schedules`).
+        loss: ``"auto"`` (cross-entropy for classification, multiclass hinge for rule ``fisher``,
+            MSE for regression), ``"cross_entropy"``, ``"hinge"`` or ``"mse"``. History losses (and
+            the generalization gap) are of this loss, without the penalty.
+        task: ``"classification"`` or ``"regression"``; inferred from a Dataset or from ``y``'s dtype.
+        seed: seeds the initialization (when ``init`` is not ``"default"``), the batch order and the
+            curvature measurements. Seed the model's construction yourself (``torch.manual_seed``).
+        init, init_scale: paper 002's regimes, see :func:`fastcurv.train.initialize` (applied only
+            when starting fresh, not on resume).
+        regularize_after_first_drop: run plain SGD steps until the schedule's first LR drop, then the
+            rule (paper 001 enables its regularizer only after the first drop).
+        track_eigenvalue, track_fisher_trace: per epoch, measure the top Hessian eigenvalue of the data
+            loss and the Fisher trace on the first ``curvature_samples`` training examples.
+        checkpoint: path written (atomically) at the end of every epoch.
+        resume: continue from ``checkpoint`` when that file exists (fresh start otherwise); the run's
+            configuration must match the checkpoint's. The resumed history equals an uninterrupted one
+            (apart from timings).
+        progress: show a tqdm bar; default: only when stderr is a terminal.
+        device: where to train (default: where ``model``'s parameters are).
+        model_spec: JSON-friendly description stored in the checkpoint so ``fastcurv sharpness`` can
+            rebuild the model (the CLI passes ``{"dataset": ..., "activation": ..., "width": ...}``).
+        stop_after: stop (after checkpointing) once this many epochs have finished, as if interrupted.
+
+    Raises:
+        NonFiniteError: the loss or a parameter became nan/inf (the last checkpoint is kept).
+    """
+    from fastcurv.data import Dataset
+
+    if isinstance(train_data, Dataset):
+        if test_data is not None:
+            raise ValueError("fit: test_data must be None when train_data is a fastcurv.data.Dataset")
+        task = task or train_data.task
+        train_data, test_data = train_data.train, train_data.test
+    if test_data is None:
+        raise ValueError("fit: test_data is required (an (x, y) pair) unless train_data is a Dataset")
+    x_train, y_train = _as_pair(train_data, "train_data")
+    x_test, y_test = _as_pair(test_data, "test_data")
+    if task is None:
+        task = "regression" if y_train.is_floating_point() else "classification"
+    if task not in ("classification", "regression"):
+        raise ValueError(f"fit: task must be 'classification' or 'regression', got {task!r}")
+    if int(epochs) != epochs or epochs < 0:
+        raise ValueError(f"fit: epochs must be an integer >= 0, got {epochs}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"fit: lr must be finite and > 0, got {lr}")
+
+    rule_obj = make_rule(rule, **(rule_options or {}))
+    loss_name = resolve_loss(loss, task, rule_obj.name)
+    if task == "regression" and loss_name != "mse":
+        raise ValueError(f"fit: rule {rule_obj.name!r} with a regression task needs loss 'mse'")
+    loss_fn = per_example_loss(loss_name)
+    sched = make_schedule(lr, schedule)
+    first_drop = sched.first_drop_epoch() if hasattr(sched, "first_drop_epoch") else None
+    if regularize_after_first_drop and first_drop is None:
+        raise ValueError(f"fit: regularize_after_first_drop needs a schedule that drops the learning rate; got {sched!r}")
+
+    if track_fisher_trace:  # fail now, not after the first epoch's training
+        try:
+            from fastcurv.metrics import fisher_trace  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"fit(track_fisher_trace=True) needs fastcurv.metrics.fisher_trace: {err}") from err
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _make_optimizer(optimizer, params, lr, momentum)
+    rule_obj.bind(model, loss_fn, int(epochs))
+
+    run_config = {
+        "rule": rule_obj.config(), "loss": loss_name, "lr": float(lr), "batch_size": int(batch_size),
+        "seed": int(seed), "optimizer": optimizer if isinstance(optimizer, str) else type(opt).__name__,
+        "momentum": float(momentum), "schedule": repr(sched), "init": init, "init_scale": float(init_scale),
+        "regularize_after_first_drop": bool(regularize_after_first_drop), "task": task,
+        "track_eigenvalue": bool(track_eigenvalue), "track_fisher_trace": bool(track_fisher_trace),
+        "curvature_samples": int(curvature_samples),
+    }
+
+    history = History()
+    start_epoch = 0
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        state = load_checkpoint(checkpoint)
+        saved = state.get("config", {})
+        diff = [k for k in _RESUME_KEYS if saved.get(k) != run_config.get(k)]
+        if diff:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {run_config.get(k)!r}" for k in diff)
+            raise ValueError(f"fit: cannot resume from {os.fspath(checkpoint)!r}, the configuration differs ({details})")
+        model.load_state_dict(state["model_state"])
+        opt.load_state_dict(state["optimizer_state"])
+        rule_obj.load_state_dict(state.get("rule_state", {}))
+        torch.set_rng_state(state["torch_rng_state"])
+        history = History.from_list(state["history"])
+        start_epoch = int(state["epoch"])
+    else:
+        torch.manual_seed(seed)
+        if init != "default":
+            initialize(model, init, init_scale, generator=torch.Generator().manual_seed(seed))
+
+    n_train = x_train.shape[0]
+    effective_batch = min(batch_size, n_train)
+    steps_per_epoch = n_train // effective_batch
+    curv_x, curv_y = x_train[:curvature_samples], y_train[:curvature_samples]
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=int(epochs), initial=start_epoch, disable=not progress, desc=rule_obj.name,
+               unit="epoch", leave=False)
+    try:
+        for epoch in range(start_epoch, int(epochs)):
+            if stop_after is not None and epoch >= stop_after:
+                break
+            epoch_lr = float(sched(epoch))
+            for group in opt.param_groups:
+                group["lr"] = epoch_lr
+            active = not regularize_after_first_drop or epoch >= first_drop
+            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            order = order.to(device)
+            model.train()
+            start = time.perf_counter()
+            for step in range(steps_per_epoch):
+                idx = order[step * effective_batch:(step + 1) * effective_batch]
+                try:
+                    rule_obj.step(x_train[idx], y_train[idx], opt, epoch, active=active)
+                except NonFiniteError as err:
+                    raise NonFiniteError(f"{err} [epoch {epoch}, step {step}, lr {epoch_lr:g}]") from None
+                _check_finite_parameters(model, rule_obj.name, epoch, step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+
+            train_loss, train_metric = evaluate(model, x_train, y_train, loss_fn, task)
+            test_loss, test_metric = evaluate(model, x_test, y_test, loss_fn, task)
+            metric = "accuracy" if task == "classification" else "error"
+            record = {
+                "epoch": epoch, "lr": epoch_lr, "regularizing": bool(active),
+                "train_loss": train_loss, "test_loss": test_loss, "gap": test_loss - train_loss,
+                f"train_{metric}": train_metric, f"test_{metric}": test_metric,
+                "param_norm": parameter_norm(model),
+                "time_per_step": elapsed / max(steps_per_epoch, 1), "epoch_time": elapsed,
+            }
+            if track_eigenvalue or track_fisher_trace:
+                record.update(_curvature_record(model, curv_x, curv_y, loss_fn, track_eigenvalue,
+                                                track_fisher_trace, seed, epoch))
+            history.append(record)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, {
+                    "model_state": model.state_dict(), "optimizer_state": opt.state_dict(),
+                    "rule_state": rule_obj.state_dict(), "torch_rng_state": torch.get_rng_state(),
+                    "history": history.to_list(), "epoch": epoch + 1, "epochs": int(epochs),
+                    "config": run_config, "model_spec": model_spec,
+                })
+            bar.update(1)
+            bar.set_postfix(train_loss=f"{train_loss:.3g}", test=f"{test_metric:.3g}")
+    finally:
+        bar.close()
+    return history

@@ -1,0 +1,102 @@
+"""Built-in datasets: shapes, determinism, the papers' constructions, default models, errors."""
+import pytest
+import torch
+
+from fastcurv.data import DATASETS, XORD_PAIRS, default_model, load
+
+SHAPES = {  # name: (n_train, n_test, input_shape, task, num_classes)
+    "digits": (1437, 360, (64,), "classification", 10),
+    "xor": (4, 4, (2,), "classification", 2),
+    "xord": (12, 10, (10,), "classification", 2),
+    "synthetic": (1600, 400, (256,), "regression", None),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_shapes_dtypes_and_model(name):
+    ds = load(name)
+    n_train, n_test, shape, task, classes = SHAPES[name]
+    assert ds.x_train.shape == (n_train, *shape) and ds.x_test.shape == (n_test, *shape)
+    assert ds.task == task and ds.num_classes == classes and ds.input_shape == shape
+    assert ds.x_train.dtype == torch.float32
+    if task == "classification":
+        assert ds.y_train.dtype == torch.int64 and ds.y_train.shape == (n_train,)
+        assert set(ds.y_train.tolist()) == set(range(classes))
+    else:
+        assert ds.y_train.shape == (n_train, 1) and ds.y_train.is_floating_point()
+    k = min(5, n_train)
+    assert default_model(ds)(ds.x_train[:k]).shape == (k, ds.output_dim)
+    meta = ds.metadata()
+    assert meta["n_train"] == n_train and meta["task"] == task
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_deterministic(name):
+    a, b = load(name, seed=4), load(name, seed=4)
+    for ta, tb in zip((a.x_train, a.y_train, a.x_test, a.y_test), (b.x_train, b.y_train, b.x_test, b.y_test)):
+        assert torch.equal(ta, tb)
+
+
+@pytest.mark.parametrize("name", ["xord", "synthetic"])
+def test_seed_changes_random_datasets(name):
+    assert not torch.equal(load(name, seed=0).x_train, load(name, seed=1).x_train)
+
+
+def test_digits_split_is_fixed_and_standardized():
+    a, b = load("digits", seed=0), load("digits", seed=7)
+    assert torch.equal(a.x_test, b.x_test)  # same split for every seed
+    assert a.x_train.mean(0).abs().max() < 1e-5
+    counts = torch.bincount(a.y_test, minlength=10)
+    assert counts.min() >= 35  # stratified: every class ~36 times
+
+
+def test_xor_points_and_labels():
+    ds = load("xor")
+    for x, y in zip(ds.x_train.tolist(), ds.y_train.tolist()):
+        assert y == int(x[0] != x[1])
+
+
+def test_xord_construction():
+    ds = load("xord", seed=3)
+    for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
+        pairs = x.reshape(-1, XORD_PAIRS, 2)
+        disagreeing = (pairs[..., 0] != pairs[..., 1]).sum(1)
+        assert torch.equal(disagreeing, y)  # positives: exactly one positive pair; negatives: none
+        assert int(y.sum()) * 2 == len(y)  # half positive
+        assert set(x.unique().tolist()) == {-1.0, 1.0}
+    train_rows = {tuple(r) for r in ds.x_train.tolist()}
+    assert not train_rows & {tuple(r) for r in ds.x_test.tolist()}  # unseen test inputs
+
+
+def test_synthetic_matches_the_thesis_generator():
+    ds = load("synthetic", seed=0)
+    x = torch.cat([ds.x_train, ds.x_test])
+    assert x.min() >= 0 and x.max() <= 2
+    y = torch.cat([ds.y_train, ds.y_test])
+    # Thesis: unconditional variance of y ~ 29.7 (sum_j B_j^2 Var X_j + noise + sin term).
+    assert 20 < y.var().item() < 40
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names: digits, xor, xord, synthetic, mnist, cifar10"):
+        load("imagenet")
+    with pytest.raises(ValueError, match="valid names"):
+        default_model("imagenet")
+
+
+def test_local_datasets_need_a_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("FASTCURV_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match="never downloaded.*--data-dir"):
+        load("mnist")
+    # With a folder: either torchvision is missing/broken (ImportError naming it) or the files are.
+    with pytest.raises((ImportError, FileNotFoundError), match="torchvision|no usable files"):
+        load("cifar10", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name,shape", [("mnist", (1, 28, 28)), ("cifar10", (3, 32, 32))])
+def test_cnn_models(name, shape):
+    assert default_model(name)(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_all_datasets_covered():
+    assert set(DATASETS) == set(SHAPES) | {"mnist", "cifar10"}
