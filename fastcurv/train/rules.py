@@ -213,11 +213,6 @@ class SubBatch(Rule):
     def bind(self, model, loss_fn, epochs):
         from fastcurv.regularizers.subbatch import SubBatchGradNorm
 
-        if getattr(loss_fn, "loss_name", None) == "hinge":
-            # fastcurv.losses.multiclass_hinge checks its labels with .item(), which torch.func.vmap
-            # (used by SubBatchGradNorm) cannot run.
-            raise ValueError("rule 'subbatch' cannot use loss 'hinge' (its label checks do not run under "
-                             "torch.func.vmap); use loss 'cross_entropy'")
         super().bind(model, loss_fn, epochs)
         # R_alpha is built from MEAN sub-batch losses of the same per-example loss the rule trains on.
         self.reg = SubBatchGradNorm(
