@@ -442,3 +442,18 @@ def test_train_mode_batchnorm_and_dropout_are_refused():
     H = Hessian(no_drop, F.cross_entropy, (xm, ym))
     Hessian(dropout_mlp, F.cross_entropy, (xm, ym), allow_train_mode=True)
     torch.testing.assert_close(H.to_dense(), explicit_hessian(no_drop, F.cross_entropy, [(xm, ym)]))
+
+
+def test_hessian_cached_graph_matches_and_follows_parameter_updates():
+    """The cached create_graph gradient gives the same products, and is rebuilt after an in-place update."""
+    model = tanh_mlp("cpu")
+    x, y = inputs_for(model, 8, "cpu")
+    H = Hessian(model, F.cross_entropy, (x, y))
+    assert H.cache_graph  # one batch: cached by default
+    V = torch.randn(H.num_params, 3, dtype=DT)
+    torch.testing.assert_close(H @ V, explicit_hessian(model, F.cross_entropy, [(x, y)]) @ V)
+    torch.testing.assert_close(H @ V, Hessian(model, F.cross_entropy, (x, y), cache_graph=False) @ V)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # in place: bumps the version counters the cache checks
+    torch.testing.assert_close(H @ V, explicit_hessian(model, F.cross_entropy, [(x, y)]) @ V)

@@ -219,6 +219,10 @@ class BatchSource:
         if hasattr(self._batches, "__len__") and len(self._batches) == 0:
             raise ValueError(f"{what}: data is empty (no batches)")
 
+    def num_batches(self) -> int | None:
+        """How many batches, when known without iterating (None for e.g. an iterable dataset)."""
+        return len(self._batches) if hasattr(self._batches, "__len__") else None
+
     def __iter__(self) -> Iterator[tuple[object, object, int]]:
         """Yields ``(x, y, n)`` on the operator's device, skipping empty batches; raises if all are empty."""
         total = 0

@@ -45,6 +45,11 @@ class Hessian(CurvatureOperator):
             frequent product is K=1 (Lanczos), it needs no forward-mode AD rules (which some ops
             lack), and it is the cheaper one on convolutions at large K.
         allow_train_mode: accept dropout / train-mode BatchNorm (the operator is then not a fixed matrix).
+        cache_graph: ``"double_backward"`` only: keep each batch's ``create_graph`` gradient between
+            products, so a product costs one (batched) backward instead of forward + two backwards, as
+            iterative solvers need many products. Default: on for a single batch, off for several
+            (each kept graph holds that batch's activations). The cache is rebuilt when a parameter
+            is modified in place (its version counter changes, e.g. after ``optimizer.step()``).
 
     ``H @ V`` takes ``V`` of shape ``[P, K]`` (or ``[P]``), matching ``H.dtype`` and ``H.device``, and
     returns the same shape. Each product makes one pass over ``data``.
@@ -62,6 +67,7 @@ class Hessian(CurvatureOperator):
         loss_reduction: str = "mean",
         method: str = "double_backward",
         allow_train_mode: bool = False,
+        cache_graph: bool | None = None,
     ):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"Hessian: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -73,6 +79,8 @@ class Hessian(CurvatureOperator):
         self.model, self.loss_fn = model, loss_fn
         self.loss_reduction, self.method = loss_reduction, method
         self.data = BatchSource(data, self.device, "Hessian")
+        self.cache_graph = (self.data.num_batches() == 1) if cache_graph is None else bool(cache_graph)
+        self._graphs: dict[int, tuple] = {}  # batch index -> (grads, live, parameter versions)
 
     # -------------------------------------------------------------------------------------------
     def _batch_loss(self, output, y) -> torch.Tensor:
@@ -87,31 +95,43 @@ class Hessian(CurvatureOperator):
         blocks = split_columns(V, self.params)
         total = torch.zeros(self.num_params, K, dtype=self.dtype, device=self.device)
         count = 0
-        for x, y, n in self.data:
+        for index, (x, y, n) in enumerate(self.data):
             weight = float(n) if self.loss_reduction == "mean" else 1.0
             if self.method == "double_backward":
-                hv = self._double_backward(x, y, blocks)
+                hv = self._double_backward(index, x, y, blocks)
             else:
                 hv = self._forward_over_reverse(x, y, blocks)
             total += weight * join_columns(hv, self.params, K)
             count += n
         return total / count
 
-    def _double_backward(self, x, y, blocks):
+    def _gradient_graph(self, index, x, y):
+        versions = tuple(p._version for p in self.params)
+        cached = self._graphs.get(index)
+        if cached is not None and cached[2] == versions:
+            return cached[0], cached[1]
         with torch.enable_grad():
             loss = self._batch_loss(self.model(x), y)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            # A gradient that does not depend on the parameters (unused, or loss linear in them) has a
-            # zero Hessian row block; autograd refuses to differentiate it, so leave it out.
-            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            if not live:
-                return [None] * len(self.params)
+        # A gradient that does not depend on the parameters (unused, or loss linear in them) has a
+        # zero Hessian row block; autograd refuses to differentiate it, so leave it out.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if self.cache_graph:
+            self._graphs[index] = (grads, live, versions)
+        return grads, live
+
+    def _double_backward(self, index, x, y, blocks):
+        grads, live = self._gradient_graph(index, x, y)
+        if not live:
+            return [None] * len(self.params)
+        with torch.enable_grad():
             return torch.autograd.grad(
                 [grads[i] for i in live],
                 self.params,
                 grad_outputs=[blocks[i] for i in live],
                 is_grads_batched=True,
                 allow_unused=True,
+                retain_graph=self.cache_graph,
             )
 
     def _forward_over_reverse(self, x, y, blocks):
