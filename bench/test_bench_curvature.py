@@ -75,12 +75,16 @@ def test_top5_fastcurv(benchmark, record, small_problem, dev, method):
     benchmark.extra_info["eigenvalues"] = [round(v, 6) for v in vals.tolist()]
 
 
-def test_top5_pyhessian(benchmark, record, small_problem, dev):
+@pytest.mark.parametrize("tol", [1e-3, 1e-5])
+def test_top5_pyhessian(benchmark, record, small_problem, dev, tol):
+    """PyHessian's tol is on the relative change of each eigenvalue estimate, a looser test than our
+    residual bound: at tol=1e-3 its values are off in the 2nd-3rd digit (see extra_info), so it is also
+    run at 1e-5, where its accuracy approaches fastcurv's at tol=1e-3."""
     pyhessian = pytest.importorskip("pyhessian")
-    record("top5-eigenvalues", contender="pyhessian")
+    record("top5-eigenvalues", contender=f"pyhessian tol={tol:g}")
     model, x, y = small_problem
     h = pyhessian.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=dev.type == "cuda")
-    vals = benchmark.pedantic(lambda: h.eigenvalues(top_n=5, tol=1e-3)[0], rounds=3, iterations=1)
+    vals = benchmark.pedantic(lambda: h.eigenvalues(top_n=5, tol=tol, maxIter=1000)[0], rounds=3, iterations=1)
     benchmark.extra_info["eigenvalues"] = [round(float(v), 6) for v in vals]
 
 
