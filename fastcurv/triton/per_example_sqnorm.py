@@ -48,6 +48,19 @@ _ROW_BLOCK = 16  # rows per program in the T == 1 kernels
 
 
 @triton.jit
+def _row_sumsq(ptr, rows, row_ok, n, s_b, s_k, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """sum_k x[row, k]^2 for a block of rows of a strided [B, n] matrix, accumulated in ACC_DTYPE."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
+    for k0 in range(0, n, BLOCK_K):
+        kk = k0 + offs_k
+        x = tl.load(ptr + rows[:, None] * s_b + kk[None, :] * s_k, mask=row_ok[:, None] & (kk < n)[None, :], other=0.0)
+        x = x.to(ACC_DTYPE)
+        acc += tl.sum(x * x, axis=1)
+    return acc
+
+
+@triton.jit
 def _sqnorm_rows_kernel(
     a_ptr, d_ptr, out_ptr, B, d_in, d_out, sa_b, sa_k, sd_b, sd_k,
     BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -55,19 +68,8 @@ def _sqnorm_rows_kernel(
     """T == 1: out[i] = ||d_i||^2 (||a_i||^2 + BIAS) for BLOCK_B rows per program."""
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_ok = rows < B
-    offs_k = tl.arange(0, BLOCK_K)
-    sq_a = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
-    for k0 in range(0, d_in, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(a_ptr + rows[:, None] * sa_b + kk[None, :] * sa_k, mask=row_ok[:, None] & (kk < d_in)[None, :], other=0.0)
-        x = x.to(ACC_DTYPE)
-        sq_a += tl.sum(x * x, axis=1)
-    sq_d = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
-    for k0 in range(0, d_out, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(d_ptr + rows[:, None] * sd_b + kk[None, :] * sd_k, mask=row_ok[:, None] & (kk < d_out)[None, :], other=0.0)
-        x = x.to(ACC_DTYPE)
-        sq_d += tl.sum(x * x, axis=1)
+    sq_a = _row_sumsq(a_ptr, rows, row_ok, d_in, sa_b, sa_k, BLOCK_B, BLOCK_K, ACC_DTYPE)
+    sq_d = _row_sumsq(d_ptr, rows, row_ok, d_out, sd_b, sd_k, BLOCK_B, BLOCK_K, ACC_DTYPE)
     if BIAS:
         sq_a += 1.0
     tl.store(out_ptr + rows, sq_d * sq_a, mask=row_ok)
@@ -83,18 +85,8 @@ def _sqnorm_rows_backward_kernel(
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_ok = rows < B
     offs_k = tl.arange(0, BLOCK_K)
-    sq_a = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
-    for k0 in range(0, d_in, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(a_ptr + rows[:, None] * sa_b + kk[None, :] * sa_k, mask=row_ok[:, None] & (kk < d_in)[None, :], other=0.0)
-        x = x.to(ACC_DTYPE)
-        sq_a += tl.sum(x * x, axis=1)
-    sq_d = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
-    for k0 in range(0, d_out, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(d_ptr + rows[:, None] * sd_b + kk[None, :] * sd_k, mask=row_ok[:, None] & (kk < d_out)[None, :], other=0.0)
-        x = x.to(ACC_DTYPE)
-        sq_d += tl.sum(x * x, axis=1)
+    sq_a = _row_sumsq(a_ptr, rows, row_ok, d_in, sa_b, sa_k, BLOCK_B, BLOCK_K, ACC_DTYPE)
+    sq_d = _row_sumsq(d_ptr, rows, row_ok, d_out, sd_b, sd_k, BLOCK_B, BLOCK_K, ACC_DTYPE)
     g2 = 2.0 * tl.load(g_ptr + rows * sg, mask=row_ok, other=0.0).to(ACC_DTYPE)
     scale_a = g2 * sq_d
     if BIAS:
