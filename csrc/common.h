@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace fastcurv {
 
 // The per-layer cost rule for T > 1, identical to reference.use_ghost: the ghost form costs
@@ -47,6 +49,18 @@ inline void check_grad(const char* op, const at::Tensor& grad, at::IntArrayRef e
               ": expected a floating-point grad, got ", grad.scalar_type());
   TORCH_CHECK(grad.device() == a.device(), "fastcurv::", op, ": grad is on ", grad.device(),
               " but a is on ", a.device());
+}
+
+// The GEMM part of the T > 1 sqnorm backward, shared by the CPU and CUDA kernels (ATen calls BLAS or
+// cuBLAS): grad_a / grad_delta before the factor 2 g_i and the bias term. ac, dc: [B, T, d] in the
+// compute dtype.
+inline std::tuple<at::Tensor, at::Tensor> sqnorm_sequence_backward_gemms(const at::Tensor& ac, const at::Tensor& dc) {
+  const int64_t T = ac.size(1), d_in = ac.size(2), d_out = dc.size(2);
+  if (use_ghost(T, d_in, d_out)) {
+    return {at::bmm(at::bmm(dc, dc.transpose(1, 2)), ac), at::bmm(at::bmm(ac, ac.transpose(1, 2)), dc)};
+  }
+  const at::Tensor J = at::bmm(dc.transpose(1, 2), ac);  // [B, d_out, d_in]
+  return {at::bmm(dc, J), at::bmm(ac, J.transpose(1, 2))};
 }
 
 }  // namespace fastcurv

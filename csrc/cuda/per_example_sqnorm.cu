@@ -169,18 +169,10 @@ at::Tensor sqnorm_sequence(const at::Tensor& a, const at::Tensor& delta, bool bi
 
 std::tuple<at::Tensor, at::Tensor> sqnorm_sequence_backward(const at::Tensor& grad, const at::Tensor& a,
                                                             const at::Tensor& delta, bool bias) {
-  const int64_t T = a.size(1), d_in = a.size(2), d_out = delta.size(2);
   const at::ScalarType cdt = compute_dtype(a.scalar_type());
   const at::Tensor ac = a.to(cdt), dc = delta.to(cdt);
   at::Tensor raw_a, raw_d;  // grad_a / grad_delta before the factor 2 g_i and the bias term
-  if (use_ghost(T, d_in, d_out)) {
-    raw_a = at::bmm(at::bmm(dc, dc.transpose(1, 2)), ac);
-    raw_d = at::bmm(at::bmm(ac, ac.transpose(1, 2)), dc);
-  } else {
-    const at::Tensor J = at::bmm(dc.transpose(1, 2), ac);  // [B, d_out, d_in]
-    raw_a = at::bmm(dc, J);
-    raw_d = at::bmm(ac, J.transpose(1, 2));
-  }
+  std::tie(raw_a, raw_d) = sqnorm_sequence_backward_gemms(ac, dc);
   const at::Tensor g2 = grad.to(cdt).mul(2).contiguous();
   const at::Tensor delta_sum = bias ? dc.sum(1).contiguous() : at::Tensor();
   at::Tensor grad_a = at::empty_like(a), grad_d = at::empty_like(delta);
