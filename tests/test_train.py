@@ -123,7 +123,7 @@ def test_l2_stopped_selective_is_l2_before_tau():
 def test_subbatch_step(loss):
     alpha, beta, m = 1e-2, 3.0, 4
     model, theta0, x, y, theta1 = one_step("subbatch", loss=loss, alpha=alpha, beta=beta, num_subbatches=m)
-    xs, ys = x.chunk(m), y.chunk(m)
+    xs, ys = [x[k::m] for k in range(m)], [y[k::m] for k in range(m)]  # sub-batch k: examples k, k+M, ...
 
     def objective(t):
         reg = 0.0

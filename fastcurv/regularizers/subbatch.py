@@ -8,18 +8,22 @@ MEAN loss over B_k) and
 Training minimizes ``L(B, w) + beta R_alpha(w)`` with no gradient through g_k: the gradient of R_alpha is
 ``(1/M) sum_k [g_k - grad L(B_k, w - alpha g_k)]``.
 
-How it is computed (two passes of the model over the whole batch, no model copies, no loop over k):
-every layer holding trainable parameters runs with a STACK of M parameter sets ``[M, *param.shape]``,
-sub-batch k using set k (Linear: one ``bmm``; Conv: one convolution with the sub-batches folded into
-groups; norm layers: a per-example gather of the small affine vectors). Layers without parameters
-(activations, pooling, residual adds) run on the whole batch as usual.
+How it is computed: two passes of the model over the whole batch (no model copies, no loop over k),
+in which sub-batch k (examples k, k+M, k+2M, ...) sees its own parameter set. Layers without
+parameters (activations, pooling, residual adds, dropout) run on the whole batch as usual.
 
-1. Clean pass, every set equal to ``w``: backpropagating the sub-batch mean losses to the stacks gives
-   all M gradients ``g_k`` at once (per layer the ``bmm`` of the weight gradient: the FLOPs of one
-   ordinary weight gradient). ``grad L(B, w)`` and ``grad (1/M) sum_k L(B_k, w)`` are linear
-   combinations of them, so the data loss needs no backward of its own.
-2. Perturbed pass, set k equal to ``w - alpha g_k``: one forward and backward give all
-   ``grad L(B_k, w - alpha g_k)``.
+1. Clean pass, every set equal to ``w``. Conv and norm layers run with ``[M, *shape]`` stacks of their
+   parameters (Conv: one convolution with the sub-batches folded into channel groups, a view thanks to
+   the interleaved layout; norm layers: a per-example gather of the small affine vectors); the
+   backward gives the stacks' gradients, i.e. all ``g_k`` at the FLOPs of one ordinary weight gradient.
+   Linear layers run as usual and keep their input and output delta instead: ``g_k`` of a Linear
+   layer is ``sum_{i in B_k} delta_i a_i^T``, never formed for an MLP. ``grad L(B, w)`` and
+   ``grad (1/M) sum_k L(B_k, w)`` come out of the same backward (weighted sub-batch losses), so the
+   data loss needs no pass of its own.
+2. Perturbed pass, set k equal to ``w - alpha g_k``: the stacks shifted; Linear layers compute
+   ``x W^T + b - alpha (x g_k^T + g_k^b)`` with ``x g_k^T = (x A_k^T) D_k`` from the clean inputs A
+   and deltas D of sub-batch k (the sub-batch Gram, or ``g_k`` formed when that is cheaper). One
+   forward and backward give all ``grad L(B_k, w - alpha g_k)``, summed over k by the backward.
 
 Models with a module this grouped forward does not cover (see :data:`GROUPED_MODULES`) fall back to
 ``torch.func.vmap`` over the sub-batches of ``functional_call`` (same values and gradients, slower).
@@ -47,9 +51,11 @@ _RMSNORM = getattr(nn, "RMSNorm", None)  # torch >= 2.4
 # ================================================================================ sub-batch layout
 @dataclass
 class _Layout:
-    """Near-equal sub-batches of consecutive examples: the first ``B mod M`` have ``ceil(B/M)``
-    examples, the others ``floor(B/M)``. ``segments`` groups the sub-batches of one size:
-    ``(first sub-batch, how many, their size, first example)``; at most two."""
+    """Interleaved sub-batches: example i belongs to sub-batch ``i mod M``, so the first ``B mod M``
+    sub-batches have ``ceil(B/M)`` examples and the others ``floor(B/M)``. Interleaving makes a
+    ``[B, ...]`` tensor's rows ``[rounds, M, ...]`` (round-major), so folding the sub-batches into
+    channel groups is a view, not a copy. ``segments``: ``(first sub-batch, how many, rounds, first
+    row)``: all M sub-batches for ``floor(B/M)`` rounds, then one round of the first ``B mod M``."""
 
     sizes: list[int]
     segments: list[tuple[int, int, int, int]]
@@ -60,24 +66,46 @@ class _Layout:
     def split(cls, batch: int, m: int, device, dtype) -> "_Layout":
         q, r = divmod(batch, m)
         sizes = [q + 1] * r + [q] * (m - r)
-        segments = [(0, r, q + 1, 0)] if r else []
-        if m > r:
-            segments.append((r, m - r, q, r * (q + 1)))
-        sizes_t = torch.tensor(sizes, device=device)
-        subbatch_of = torch.repeat_interleave(torch.arange(m, device=device), sizes_t)
-        inverse_size = (1.0 / sizes_t.to(dtype))[subbatch_of]
+        segments = [(0, m, q, 0)] if q else []
+        if r:
+            segments.append((0, r, 1, q * m))
+        subbatch_of = torch.arange(batch, device=device) % m
+        inverse_size = (1.0 / torch.tensor(sizes, device=device, dtype=dtype))[subbatch_of]
         return cls(sizes, segments, subbatch_of, inverse_size)
+
+
+def _by_subbatch(t: torch.Tensor, segment) -> torch.Tensor:
+    """A segment's rows of ``t [B, *rest, d]`` as ``[count, rounds * prod(rest), d]``."""
+    _, count, rounds, start = segment
+    rows = t[start:start + rounds * count].reshape(rounds, count, -1, t.shape[-1])
+    return rows.transpose(0, 1).reshape(count, -1, t.shape[-1])
+
+
+def _to_rows(t: torch.Tensor, segment, row_shape) -> torch.Tensor:
+    """Inverse of :func:`_by_subbatch`: ``[count, rounds * prod(rest), d]`` -> ``[rounds * count, *row_shape]``."""
+    _, count, rounds, _ = segment
+    return t.reshape(count, rounds, -1).transpose(0, 1).reshape(rounds * count, *row_shape)
 
 
 # ====================================================================== grouped forward of one layer
 @dataclass
 class _Pass:
-    """One grouped pass: the parameter stacks (by ``id(param)``; a frozen parameter has none and is
-    shared by all sub-batches), the layout, and whether BatchNorm may update its running statistics."""
+    """One grouped pass.
+
+    ``stacks``: ``id(param) -> [M, *shape]`` parameter sets; a parameter without one is shared by all
+    sub-batches (frozen, or a Linear parameter in ``low_rank``). ``low_rank``: ids of Linear
+    parameters whose sub-batch gradients are kept as the clean pass's (input, delta) pairs instead of
+    ``[M, *shape]`` stacks; the clean pass appends one pair per use to ``uses[id(weight or bias)]``,
+    and the perturbed pass (``shifted=True``) subtracts ``alpha x g_k^T`` built from them.
+    """
 
     stacks: dict
     layout: _Layout
     update_running_stats: bool
+    low_rank: frozenset = frozenset()
+    uses: Optional[dict] = None
+    shifted: bool = False
+    alpha: float = 0.0
 
     def stacked(self, module: nn.Module, pname: str, first: int, count: int) -> Optional[torch.Tensor]:
         """``[count, *shape]``: sub-batches ``first .. first + count`` of a parameter (None if absent)."""
@@ -99,18 +127,73 @@ def _join(outs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _linear(module: nn.Linear, name: str, run: _Pass, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = module.weight, module.bias
+    if id(weight) in run.low_rank or (bias is not None and id(bias) in run.low_rank):
+        return _low_rank_linear(module, run, x)
     outs = []
-    for first, count, size, start in run.layout.segments:
-        xs = x[start:start + count * size].reshape(count, -1, x.shape[-1])  # [count, size*T, d_in]
+    for segment in run.layout.segments:
+        first, count = segment[:2]
+        xs = _by_subbatch(x, segment)  # [count, rounds*T, d_in]
         w = run.stacked(module, "weight", first, count).transpose(1, 2)
         b = run.stacked(module, "bias", first, count)
         z = torch.bmm(xs, w) if b is None else torch.baddbmm(b.unsqueeze(1), xs, w)
-        outs.append(z.reshape(count * size, *x.shape[1:-1], w.shape[2]))
+        outs.append(_to_rows(z, segment, (*x.shape[1:-1], w.shape[2])))
     return _join(outs)
 
 
+def _low_rank_linear(module: nn.Linear, run: _Pass, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` on the whole batch; in the perturbed pass minus ``alpha (x g_k^T + g_k^b)`` where
+    ``g_k^W = sum_{uses v} D_v,k^T A_v,k`` comes from the clean pass's inputs A and deltas D of sub-batch
+    k: via the sub-batch Gram ``(X A^T) D`` when that is cheaper than forming ``g_k^W``, so an MLP never
+    builds the M x P sub-batch gradients."""
+    z = F.linear(x, module.weight, module.bias)
+    weight_uses = run.uses.setdefault(id(module.weight), []) if id(module.weight) in run.low_rank else None
+    bias_uses = (run.uses.setdefault(id(module.bias), [])
+                 if module.bias is not None and id(module.bias) in run.low_rank else None)
+    if not run.shifted:  # clean pass: remember this use; its delta is filled in after the backward
+        record = [x.detach(), z, None]
+        for uses in (weight_uses, bias_uses):
+            if uses is not None:
+                uses.append(record)
+        return z
+    d_in, d_out = x.shape[-1], z.shape[-1]
+    segments = run.layout.segments
+    # sub-batch k's clean rows lie in every segment (the last round holds only the first B mod M)
+    weight_pairs = [(_by_subbatch(a, seg), _by_subbatch(d, seg)) for a, _, d in weight_uses or () for seg in segments]
+    bias_sums = [_by_subbatch(d, seg).sum(1) for _, _, d in bias_uses or () for seg in segments]  # [count, d_out]
+    shifts = []
+    for segment in segments:
+        xs = _by_subbatch(x, segment)  # [count, rounds*T, d_in]
+        count = xs.shape[0]
+        terms = []
+        if weight_pairs:
+            use_rows = sum(a.shape[1] for a, _ in weight_pairs)
+            if xs.shape[1] * use_rows * (d_in + d_out) <= (xs.shape[1] + use_rows) * d_in * d_out:
+                terms += [torch.bmm(torch.bmm(xs[:len(a)], a[:count].transpose(1, 2)), d[:count])
+                          for a, d in weight_pairs]
+            else:
+                g = _sum_first(count, [torch.bmm(d[:count].transpose(1, 2), a[:count]) for a, d in weight_pairs])
+                terms.append(torch.bmm(xs, g.transpose(1, 2)))  # g: [count, d_out, d_in]
+        if bias_sums:
+            terms.append(_sum_first(count, [gb[:count] for gb in bias_sums]).unsqueeze(1))
+        shift = _sum_first(count, terms)
+        shifts.append(_to_rows(shift.expand(-1, xs.shape[1], -1), segment, z.shape[1:]))
+    return z - run.alpha * _join(shifts)
+
+
+def _sum_first(count: int, terms: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of ``[n <= count, ...]`` tensors into ``[count, ...]`` (a shorter one covers the first n)."""
+    total = None
+    for t in terms:
+        if t.shape[0] < count:
+            t = torch.cat([t, t.new_zeros(count - t.shape[0], *t.shape[1:])])
+        total = t if total is None else total + t
+    return total
+
+
 def _conv(module: nn.modules.conv._ConvNd, name: str, run: _Pass, x: torch.Tensor) -> torch.Tensor:
-    # The sub-batches folded into channel groups: input [size, count*C_in, ...], groups count*G.
+    # Sub-batches folded into channel groups, a view thanks to the interleaved layout:
+    # input [rounds, count*C_in, ...], weight [count*C_out, C_in/G, ...], groups count*G.
     if x.ndim != len(module.kernel_size) + 2:
         raise ValueError(
             f"SubBatchGradNorm: {_describe(name, module)} got input {tuple(x.shape)}; expected a batched "
@@ -121,16 +204,15 @@ def _conv(module: nn.modules.conv._ConvNd, name: str, run: _Pass, x: torch.Tenso
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0
     outs = []
-    for first, count, size, start in run.layout.segments:
-        xs = x[start:start + count * size].reshape(count, size, *x.shape[1:]).transpose(0, 1)
+    for first, count, rounds, start in run.layout.segments:
+        xs = x[start:start + rounds * count].reshape(rounds, count * x.shape[1], *x.shape[2:])
         w = run.stacked(module, "weight", first, count)
         b = run.stacked(module, "bias", first, count)
         z = _CONV[type(module)](
-            xs.reshape(size, count * x.shape[1], *x.shape[2:]), w.reshape(-1, *w.shape[2:]),
-            None if b is None else b.reshape(-1), module.stride, padding, module.dilation, count * module.groups,
+            xs, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
+            module.stride, padding, module.dilation, count * module.groups,
         )
-        c_out = w.shape[1]
-        outs.append(z.reshape(size, count, c_out, *z.shape[2:]).transpose(0, 1).reshape(count * size, c_out, *z.shape[2:]))
+        outs.append(z.reshape(rounds * count, w.shape[1], *z.shape[2:]))
     return _join(outs)
 
 
@@ -138,30 +220,41 @@ def _ghost_batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, run: _
     """BatchNorm with each sub-batch's own statistics (biased variance, as BatchNorm normalizes with).
     In a pass that may update them, the running statistics move once, towards the mean over the M
     sub-batches of their (mean, unbiased variance)."""
-    update = run.update_running_stats and module.training and module.running_mean is not None
-    dims = (1,) + tuple(range(3, x.ndim + 1))  # of [count, size, C, *spatial]: all but count and C
-    parts, means, variances = [], [], []
-    for _, count, size, start in run.layout.segments:
-        xs = x[start:start + count * size].reshape(count, size, *x.shape[1:])
-        n = size * xs[0, 0, 0].numel()  # values per channel in one sub-batch
-        if n <= 1:
-            raise ValueError(
-                f"SubBatchGradNorm: {_describe(name, module)} normalizes each sub-batch with its own batch "
-                f"statistics, but with input {tuple(x.shape)} a sub-batch of {size} example(s) has {n} value per "
-                "channel (need more than 1): use fewer sub-batches, a larger batch, or eval mode"
-            )
-        var, mean = torch.var_mean(xs, dim=dims, keepdim=True, correction=0)
-        parts.append(((xs - mean) * torch.rsqrt(var + module.eps)).reshape(count * size, *x.shape[1:]))
-        if update:
-            means.append(mean.detach().reshape(count, -1))
-            variances.append(var.detach().reshape(count, -1) * (n / (n - 1)))
-    if update:
+    layout = run.layout
+    m, channels = len(layout.sizes), x.shape[1]
+    per_channel = x[:1, :1].numel()  # values per channel per example
+    counts = torch.tensor(layout.sizes, dtype=x.dtype, device=x.device) * per_channel
+    if counts.min() <= 1:
+        raise ValueError(
+            f"SubBatchGradNorm: {_describe(name, module)} normalizes each sub-batch with its own batch "
+            f"statistics, but with input {tuple(x.shape)} and num_subbatches={m} a sub-batch has "
+            f"{int(counts.min())} value per channel (need more than 1): use fewer sub-batches, a larger "
+            "batch, or eval mode"
+        )
+    # [rounds, count, C, values] views of each segment; statistics summed over rounds and values
+    parts = [x[start:start + rounds * count].reshape(rounds, count, channels, -1)
+             for _, count, rounds, start in layout.segments]
+
+    def per_subbatch(terms):
+        total = x.new_zeros(m, channels)
+        for (first, count, _, _), t in zip(layout.segments, terms):
+            total = total.index_add(0, torch.arange(first, first + count, device=x.device), t.sum((0, 3)))
+        return total / counts[:, None]
+
+    mean = per_subbatch(parts)
+    centered = [p - mean[first:first + count, :, None] for (first, count, _, _), p in zip(layout.segments, parts)]
+    var = per_subbatch([c.square() for c in centered])
+    inv_std = torch.rsqrt(var + module.eps)
+    out = [(c * inv_std[first:first + count, :, None]).reshape(-1, *x.shape[1:])
+           for (first, count, _, _), c in zip(layout.segments, centered)]
+    if run.update_running_stats and module.training and module.running_mean is not None:
         with torch.no_grad():
             module.num_batches_tracked.add_(1)
             momentum = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
-            module.running_mean.lerp_(torch.cat(means).mean(0).to(module.running_mean.dtype), momentum)
-            module.running_var.lerp_(torch.cat(variances).mean(0).to(module.running_var.dtype), momentum)
-    return _join(parts)
+            unbiased = var * (counts / (counts - 1))[:, None]
+            module.running_mean.lerp_(mean.mean(0).to(module.running_mean.dtype), momentum)
+            module.running_var.lerp_(unbiased.mean(0).to(module.running_var.dtype), momentum)
+    return _join(out)
 
 
 def _norm(module: nn.Module, name: str, run: _Pass, x: torch.Tensor) -> torch.Tensor:
@@ -337,17 +430,15 @@ class SubBatchGradNorm(Regularizer):
         return _Layout.split(batch, self.num_subbatches, x.device, self.params[0][1].dtype)
 
     # ------------------------------------------------------------------------------- passes
-    def _per_example_losses(self, stacks: dict, x, y, layout: _Layout, update_running_stats: bool) -> torch.Tensor:
-        """``[B]`` losses, example i evaluated at parameter set ``stacks[name][k(i)]``."""
-        grouped = self._grouped_modules()
+    def _per_example_losses(self, grouped, run: _Pass, x, y) -> torch.Tensor:
+        """``[B]`` losses, example i evaluated at parameter set ``k(i)`` of ``run``."""
         if grouped is not None:
-            ids = {name: id(p) for name, p in self.params}
-            run = _Pass({ids[n]: s for n, s in stacks.items()}, layout, update_running_stats)
             with _grouped_forward(grouped, run):
                 losses = self.loss_fn(self.model(x), y)
         else:
             self._check_vmap_model()
-            losses = self._vmapped_losses(stacks, x, y, layout)
+            names = {id(p): n for n, p in self.params}
+            losses = self._vmapped_losses({names[i]: s for i, s in run.stacks.items()}, x, y, run.layout)
         if not isinstance(losses, torch.Tensor) or losses.shape != (x.shape[0],):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(
@@ -367,51 +458,82 @@ class SubBatchGradNorm(Regularizer):
         # randomness="different": dropout draws its own masks per sub-batch, as separate forwards would
         per_subbatch = vmap(subbatch_losses, in_dims=(0, 0, 0), randomness="different")
         out = []
-        for first, count, size, start in layout.segments:
-            xs = x[start:start + count * size].reshape(count, size, *x.shape[1:])
-            ys = y[start:start + count * size].reshape(count, size, *y.shape[1:])
-            out.append(per_subbatch({n: s[first:first + count] for n, s in stacks.items()}, xs, ys).reshape(-1))
+        for first, count, rounds, start in layout.segments:
+            rows = slice(start, start + rounds * count)  # [rounds, count] -> [count, rounds]
+            xs = x[rows].reshape(rounds, count, *x.shape[1:]).transpose(0, 1)
+            ys = y[rows].reshape(rounds, count, *y.shape[1:]).transpose(0, 1)
+            losses = per_subbatch({n: s[first:first + count] for n, s in stacks.items()}, xs, ys)
+            out.append(losses.transpose(0, 1).reshape(-1))
         return _join(out)
 
-    def _repeated(self, differentiable: bool) -> dict:
-        """Every sub-batch's parameter set equal to ``w``: ``[M, *shape]`` views, no copies."""
-        m = self.num_subbatches
-        if differentiable:
-            return {n: p.unsqueeze(0).expand(m, *p.shape) for n, p in self.params}
-        return {n: p.detach().unsqueeze(0).expand(m, *p.shape).requires_grad_() for n, p in self.params}
-
-    def _finite_difference(self, x, y, update_running_stats: bool):
-        """Both passes: ``(losses [B] at w, g_k and grad L(B_k, w - alpha g_k) per param as [M, *shape],
-        R_alpha)``, all detached."""
+    def _finite_difference(self, x, y, clean_weight: Callable[[_Layout], torch.Tensor], update_running_stats: bool):
+        """Algorithm 1's two passes. ``clean_weight(layout)`` gives ``c [M] > 0``; returns, per trainable
+        parameter, ``sum_k c_k g_k`` and ``sum_k grad L(B_k, w - alpha g_k)``, the losses ``[B]`` at ``w``
+        and R_alpha, all detached."""
         layout = self._layout(x, y)
-        stacks = self._repeated(differentiable=False)
-        losses = self._per_example_losses(stacks, x, y, layout, update_running_stats)
-        # sum_i l_i / |B_k(i)| = sum_k L(B_k, w): its gradient w.r.t. stack k is g_k
-        g = torch.autograd.grad((losses * layout.inverse_size).sum(), list(stacks.values()))
+        grouped = self._grouped_modules()
+        m = self.num_subbatches
+        low_rank = frozenset(
+            id(p) for _, module in (grouped or ()) if type(module) is nn.Linear
+            for p in (module.weight, module.bias) if p is not None and p.requires_grad
+        )
+        stacked = [p for _, p in self.params if id(p) not in low_rank]
+        direct = [p for _, p in self.params if id(p) in low_rank]
+        c = clean_weight(layout).to(layout.inverse_size)
+        # clean pass: every set equal to w; the stacks' gradients are c_k g_k
+        stacks = {id(p): p.detach().unsqueeze(0).expand(m, *p.shape).requires_grad_() for p in stacked}
+        run = _Pass(stacks, layout, update_running_stats, low_rank, uses={})
+        losses = self._per_example_losses(grouped, run, x, y)
+        records = list({id(r): r for uses in run.uses.values() for r in uses}.values())
+        grads = torch.autograd.grad(
+            (losses * (c[layout.subbatch_of] * layout.inverse_size)).sum(),
+            list(stacks.values()) + direct + [r[1] for r in records],
+            allow_unused=True,
+        )
+        stack_grads, direct_grads = grads[:len(stacked)], grads[len(stacked):len(stacked) + len(direct)]
+        per_example_c = c[layout.subbatch_of]
+        for record, delta in zip(records, grads[len(stacked) + len(direct):]):
+            delta = torch.zeros_like(record[1]) if delta is None else delta
+            # delta of L(B_k) alone: sum_{i in B_k} a_i delta_i^T is then g_k
+            record[1], record[2] = None, delta.detach() / per_example_c.reshape(-1, *([1] * (delta.ndim - 1)))
+        clean = {id(p): g.sum(0) for p, g in zip(stacked, stack_grads)}
+        clean.update({id(p): torch.zeros_like(p) if g is None else g for p, g in zip(direct, direct_grads)})
+        # perturbed pass: set k equal to w - alpha g_k
         shifted_stacks = {
-            n: (p.detach().unsqueeze(0) - self.alpha * gk).requires_grad_() for (n, p), gk in zip(self.params, g)
+            id(p): (p.detach().unsqueeze(0) - self.alpha * g / c.reshape(m, *([1] * p.ndim))).requires_grad_()
+            for p, g in zip(stacked, stack_grads)
         }
-        shifted = self._per_example_losses(shifted_stacks, x, y, layout, update_running_stats=False)
-        h = torch.autograd.grad((shifted * layout.inverse_size).sum(), list(shifted_stacks.values()))
-        r_alpha = ((losses.detach() - shifted.detach()) * layout.inverse_size).sum() / self.num_subbatches
-        return losses.detach(), layout, g, h, r_alpha
+        run = _Pass(shifted_stacks, layout, False, low_rank, uses=run.uses, shifted=True, alpha=self.alpha)
+        shifted = self._per_example_losses(grouped, run, x, y)
+        grads = torch.autograd.grad(
+            (shifted * layout.inverse_size).sum(), list(shifted_stacks.values()) + direct, allow_unused=True
+        )
+        shifted_sum = {id(p): g.sum(0) for p, g in zip(stacked, grads[:len(stacked)])}
+        shifted_sum.update({id(p): torch.zeros_like(p) if g is None else g for p, g in zip(direct, grads[len(stacked):])})
+        r_alpha = ((losses.detach() - shifted.detach()) * layout.inverse_size).sum() / m
+        params = [p for _, p in self.params]
+        return losses.detach(), [clean[id(p)] for p in params], [shifted_sum[id(p)] for p in params], r_alpha
 
     def _exact_penalty(self, x, y, update_running_stats: bool):
         """``(losses [B], beta alpha (1/M) sum_k ||g_k||^2)``, both differentiable in ``w``."""
         layout = self._layout(x, y)
-        stacks = self._repeated(differentiable=True)
-        losses = self._per_example_losses(stacks, x, y, layout, update_running_stats)
+        m = self.num_subbatches
+        stacks = {id(p): p.unsqueeze(0).expand(m, *p.shape) for _, p in self.params}  # views of w, differentiable
+        losses = self._per_example_losses(self._grouped_modules(), _Pass(stacks, layout, update_running_stats), x, y)
         g = torch.autograd.grad((losses * layout.inverse_size).sum(), list(stacks.values()), create_graph=True)
-        return losses, self.beta * self.alpha * sum(gk.square().sum() for gk in g) / self.num_subbatches
+        return losses, self.beta * self.alpha * sum(gk.square().sum() for gk in g) / m
 
     # ------------------------------------------------------------------------------- public
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``beta R_alpha`` as a loss term (value and gradient of Algorithm 1), see the class doc."""
         if self.exact:
             return self._exact_penalty(x, y, update_running_stats=False)[1]
-        _, _, g, h, r_alpha = self._finite_difference(x, y, update_running_stats=False)
+        m = self.num_subbatches
+        _, clean, shifted, r_alpha = self._finite_difference(
+            x, y, lambda layout: torch.full((m,), 1.0 / m, dtype=torch.float64), update_running_stats=False
+        )
         # linear surrogate: value beta R_alpha, gradient beta (1/M) sum_k [g_k - grad L(B_k, w - alpha g_k)]
-        slope = sum(((p - p.detach()) * (gk - hk).mean(0)).sum() for (_, p), gk, hk in zip(self.params, g, h))
+        slope = sum(((p - p.detach()) * (gc - gs / m)).sum() for (_, p), gc, gs in zip(self.params, clean, shifted))
         return self.beta * (r_alpha + slope)
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -421,16 +543,19 @@ class SubBatchGradNorm(Regularizer):
             (losses.mean() + penalty).backward()
             self.last_penalty = penalty.detach()
             return losses.detach().mean()
-        losses, layout, g, h, r_alpha = self._finite_difference(x, y, update_running_stats=True)
         m = self.num_subbatches
-        # grad L(B, w) = sum_k (|B_k|/B) g_k and grad (1/M) sum_k L(B_k, w) = (1/M) sum_k g_k
-        clean_weight = torch.tensor(layout.sizes, dtype=losses.dtype, device=losses.device) / losses.shape[0]
-        clean_weight = clean_weight + self.beta / m
-        for (_, p), gk, hk in zip(self.params, g, h):
-            step = torch.tensordot(clean_weight.to(gk.dtype), gk, dims=1) - (self.beta / m) * hk.sum(0)
+        batch = x.shape[0]
+
+        def clean_weight(layout):
+            # grad L(B, w) = sum_k (|B_k|/B) g_k, grad (1/M) sum_k L(B_k, w) = (1/M) sum_k g_k
+            return torch.tensor(layout.sizes, dtype=torch.float64) / batch + self.beta / m
+
+        losses, clean, shifted, r_alpha = self._finite_difference(x, y, clean_weight, update_running_stats=True)
+        for (_, p), gc, gs in zip(self.params, clean, shifted):
+            step = torch.add(gc, gs, alpha=-self.beta / m)
             if p.grad is None:
                 p.grad = step
             else:
-                p.grad += step
+                p.grad.add_(step)
         self.last_penalty = self.beta * r_alpha
         return losses.mean()

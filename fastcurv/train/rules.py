@@ -217,13 +217,20 @@ class SubBatch(Rule):
         # R_alpha is built from MEAN sub-batch losses of the same per-example loss the rule trains on.
         self.reg = SubBatchGradNorm(
             model, alpha=self.hyper["alpha"], beta=self.hyper["beta"],
-            num_subbatches=self.hyper["num_subbatches"], exact=self.hyper["exact"],
-            loss_fn=lambda out, target: loss_fn(out, target).mean(),
+            num_subbatches=self.hyper["num_subbatches"], exact=self.hyper["exact"], loss_fn=loss_fn,
         )
         return self
 
-    def penalty(self, per_example, x, y, epoch):
-        return self.reg(x, y)
+    def step(self, x, y, optimizer, epoch, active=True):
+        if not active:
+            return super().step(x, y, optimizer, epoch, active=False)
+        optimizer.zero_grad(set_to_none=True)
+        # grad [L(B, w) + beta R_alpha] from the regularizer's two passes: the data loss comes from its
+        # clean pass (with BatchNorm in train mode: per-sub-batch statistics, see SubBatchGradNorm)
+        loss = self.reg.backward(x, y)
+        _check_finite_loss(loss, self.name, epoch)
+        optimizer.step()
+        return loss
 
 
 class Metric(Rule):
