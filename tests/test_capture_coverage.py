@@ -279,3 +279,36 @@ def test_compiled_wrapper_is_refused_with_the_fix():
     model = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(TypeError, match=r"torch.compile\(\) wrapper.*model.compile\(\)"):
         capture(torch.compile(model))
+
+
+@pytest.mark.parametrize("mode", ["frozen_stats", "exact"])
+def test_resnet18_with_train_mode_batchnorm(mode):
+    """ResNet-18 topology (narrow, 16x16 inputs to keep the float64 loop short) in train mode."""
+    from zoo import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(width=4).train()
+    x, y = torch.randn(3, 3, 16, 16), torch.randint(0, 10, (3,))
+    if mode == "exact":
+        check_against_loop(model, lambda m: m(x), lambda out: F.cross_entropy(out, y, reduction="none"),
+                           capture_kwargs={"batchnorm": mode}, penalty=False)
+        return
+    # frozen_stats: the oracle is the same network with every BatchNorm's statistics detached
+    def frozen(m):
+        bns = [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+        saved = [b.forward for b in bns]
+        for b in bns:
+            b.forward = (lambda b: lambda h: (h - h.mean((0, 2, 3), keepdim=True).detach())
+                         / torch.sqrt(h.var((0, 2, 3), unbiased=False, keepdim=True).detach() + b.eps)
+                         * b.weight.view(1, -1, 1, 1) + b.bias.view(1, -1, 1, 1))(b)
+        try:
+            return m(x)
+        finally:
+            for b, f in zip(bns, saved):
+                b.forward = f
+
+    params = [p for p in model.parameters()]
+    ref = loop_grads(F.cross_entropy(frozen(model), y, reduction="none"), params).square().sum(1)
+    with capture(model, batchnorm="frozen_stats") as cap:
+        out = model(x)
+    torch.testing.assert_close(cap.per_example_sqnorms(F.cross_entropy(out, y, reduction="none")), ref)
