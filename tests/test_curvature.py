@@ -198,19 +198,6 @@ def test_empirical_fisher_bad_input():
     with pytest.raises(TypeError, match="needs per-example losses: loss_fn must take a `reduction` keyword"):
         EmpiricalFisher(model, _mean_ce, (x, y))
 
-    class Scaled(nn.Module):  # a bare parameter outside any layer the capture layer knows
-        def __init__(self):
-            super().__init__()
-            self.net = tanh_mlp("cpu")
-            self.scale = nn.Parameter(torch.ones((), dtype=DT))
-
-        def forward(self, inp):
-            return self.net(inp) * self.scale
-
-    Fisher = EmpiricalFisher(Scaled(), F.cross_entropy, (x, y))
-    # the capture layer refuses the unsupported parameter holder before any product is formed
-    with pytest.raises(TypeError, match=r"Scaled\) holds parameters requiring grad \['scale'\]"):
-        Fisher @ torch.zeros(Fisher.num_params, dtype=DT)
     with pytest.raises(RuntimeError, match="BatchNorm2d"):
         EmpiricalFisher(small_cnn("cpu").train(), F.cross_entropy, inputs_for(small_cnn("cpu"), 4, "cpu"))
     with pytest.raises(ValueError, match="data is empty"):

@@ -198,8 +198,10 @@ def test_errors():
         Curvature(model, 1.0)(torch.zeros(B))
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         Curvature(model, -1.0)
-    with pytest.raises(TypeError, match="ConvTranspose1d.*not supported"):
-        Curvature(nn.Sequential(nn.ConvTranspose1d(2, 2, 2)), 1.0)
+    with pytest.raises(TypeError, match="PReLU.*no fast rule.*strict=True"):
+        Curvature(nn.Sequential(nn.PReLU(2)), 1.0, strict=True)
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        Curvature(nn.Sequential(nn.Linear(2, 2)), 1.0, batchnorm="sometimes")
     bn_model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))  # train mode
     reg = Curvature(bn_model, 1.0)
     with pytest.raises(RuntimeError, match="examples interact"):

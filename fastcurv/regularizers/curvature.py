@@ -34,25 +34,34 @@ class Curvature:
     """``alpha * (1/B) sum_i ||grad_theta l_i||^2`` over every parameter requiring grad.
 
     Args:
-        model: the network; its layers must be supported by :func:`fastcurv.capture` (Linear,
-            Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, eval BatchNorm) or listed in
-            ``ignore``. BatchNorm in train mode is refused (examples interact through batch stats).
+        model: the network; every module holding trainable parameters is served by
+            :func:`fastcurv.capture` (a fast rule, else the exact generic rule).
         alpha: penalty weight (>= 0). The norms are of the per-example losses you pass, so with
             ``reduction="none"`` losses ``alpha`` means exactly the paper's coefficient.
         ignore: modules or qualified names whose parameters are left out of the penalty.
+        strict, batchnorm: passed to :func:`fastcurv.capture` (refuse modules without a fast rule;
+            what to do with BatchNorm in train mode: "refuse", "frozen_stats" or "exact").
 
     Attributes:
         last_sqnorms: the last call's per-example squared norms ``[B]`` (detached), for logging.
     """
 
-    def __init__(self, model: nn.Module, alpha: float, ignore: Iterable[Union[nn.Module, str]] = ()):
+    def __init__(
+        self,
+        model: nn.Module,
+        alpha: float,
+        ignore: Iterable[Union[nn.Module, str]] = (),
+        strict: bool = False,
+        batchnorm: str = "refuse",
+    ):
         alpha = float(alpha)
         if not alpha >= 0:  # also catches nan
             raise ValueError(f"Curvature: alpha must be >= 0, got {alpha}")
         self.model = model
         self.alpha = alpha
         self.ignore = tuple([ignore] if isinstance(ignore, (str, nn.Module)) else ignore)
-        capture(model, self.ignore)  # fail now, not at the first step, on unsupported layers
+        self.capture_options = {"strict": strict, "batchnorm": batchnorm}
+        capture(model, self.ignore, **self.capture_options)  # fail now, not at the first step, on bad options
         self._capture: Optional[Capture] = None
         self.last_sqnorms: Optional[torch.Tensor] = None
 
@@ -63,7 +72,7 @@ class Curvature:
     def track(self) -> Iterator[Capture]:
         """Record the forward that produces the losses to regularize (one forward per ``track``)."""
         self._capture = None
-        cap = capture(self.model, self.ignore)  # re-read requires_grad flags every step
+        cap = capture(self.model, self.ignore, **self.capture_options)  # re-read requires_grad flags every step
         with cap:
             yield cap
         self._capture = cap
@@ -77,8 +86,7 @@ class Curvature:
                 "regularizer (each tracked forward serves one call)."
             )
         try:
-            deltas = cap.deltas(per_example, create_graph=True)
-            sqnorms = sum(layer.sqnorm(delta) for layer, delta in zip(cap.layers, deltas))
+            sqnorms = cap.per_example_sqnorms(per_example, create_graph=True)
         finally:
             cap.clear()  # what the penalty needs is now held by its own graph
         self.last_sqnorms = sqnorms.detach()

@@ -1,0 +1,269 @@
+"""The base of every layer rule: what a captured module recorded, and the per-example gradient
+quantities a rule must provide from it.
+
+A rule serves one module. During the capture's forward it records one :class:`Record` per call
+(``input``, ``output``); the capture then hands it one delta ``dl_i/d output`` per record, and the
+rule turns (records, deltas) into per-example quantities of the module's own trainable parameters.
+A module called several times (a shared block, a siamese tower) has several records; the rules
+combine them so that every quantity is of the *summed* gradient, cross terms included.
+
+A new rule implements :meth:`CapturedLayer._per_example_grads` (exact, materialized) and, where a
+faster form exists, overrides ``_sqnorm`` / ``_gram`` / ``_dot`` / ``_weighted_grad_sum``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["CapturedLayer", "Record", "describe", "common_dtype"]
+
+
+def describe(name: str, module: nn.Module) -> str:
+    return f"module '{name}' ({type(module).__name__})" if name else f"the root module ({type(module).__name__})"
+
+
+def common_dtype(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Autocast can record an fp32 input and an fp16 output: compute in the wider dtype."""
+    dtype = torch.promote_types(a.dtype, d.dtype)
+    return a.to(dtype), d.to(dtype)
+
+
+@dataclass
+class Record:
+    """One call of a captured module.
+
+    ``input``: the module's first input, with the batch in dim 0 (rules that broadcast an unbatched
+    input have already expanded it). ``output``: the tensor whose per-example delta the rule needs.
+    ``args`` / ``kwargs``: the whole call (the generic rule re-runs it). ``shared``: the input has no
+    batch dim and the output is shared by all examples (deltas then come per example, ``[B, *output]``)."""
+
+    input: Any
+    output: torch.Tensor
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    shared: bool = False
+    versions: tuple = ()
+
+
+Deltas = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class CapturedLayer:
+    """One captured module: its recorded calls and its per-example gradient quantities.
+
+    Attributes:
+        name: qualified name in the captured model (``""`` for the root module).
+        module: the module.
+        params: ``[(qualified_name, Parameter)]`` of its own trainable parameters (model order);
+            only these count in every quantity below.
+        records: one :class:`Record` per call in the captured forward.
+
+    Every method takes the deltas of :meth:`Capture.deltas` for this layer: one tensor shaped like
+    the output (a single call) or a sequence of them (one per record). All quantities are
+    differentiable in the recorded inputs and in the deltas (pass ``create_graph=True`` deltas to
+    differentiate through them).
+    """
+
+    #: the module types the rule is exact for; set by :func:`fastcurv.layers.register`
+    module_types: tuple = ()
+    #: True when the rule can treat an input without a batch dim (output shared by all examples)
+    supports_shared_input: bool = False
+    #: inputs with fewer dims have no batch dim (a Linear's [d_in] vector)
+    min_batched_ndim: int = 1
+
+    def __init__(self, name: str, module: nn.Module, params: list):
+        self.name = name
+        self.module = module
+        self.params = params
+        self.records: list[Record] = []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({describe(self.name, self.module)}, params={[n for n, _ in self.params]})"
+
+    # ------------------------------------------------------------------ recording
+    def record(self, args: tuple, kwargs: dict, output) -> Optional[torch.Tensor]:
+        """Called by the capture's forward hook. Returns a replacement output or None."""
+        if args:
+            inp = args[0]
+        elif kwargs:
+            inp = next(iter(kwargs.values()))
+        else:
+            raise RuntimeError(f"fastcurv.capture: {describe(self.name, self.module)} was called without an input")
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"fastcurv.capture: {describe(self.name, self.module)} returned {type(output).__name__}, expected a "
+                "Tensor (this rule needs one output tensor)"
+            )
+        self.check_input(inp)
+        self.records.append(Record(inp, output, args, kwargs, versions=_versions(inp, output)))
+        return None
+
+    def check_input(self, inp) -> None:
+        if not isinstance(inp, torch.Tensor) or inp.ndim < 1:
+            shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__
+            raise ValueError(
+                f"fastcurv.capture: {describe(self.name, self.module)} got input {shape}; expected a batched "
+                "input whose dim 0 is the batch"
+            )
+
+    def clear(self) -> None:
+        self.records = []
+        self._cache_clear()
+
+    def _cache_clear(self) -> None:
+        """Rules that cache something derived from the records (an unfolded input) drop it here."""
+
+    # backward-compatible views of a single call
+    @property
+    def input(self):
+        return self.records[0].input if self.records else None
+
+    @property
+    def output(self) -> Optional[torch.Tensor]:
+        return self.records[0].output if self.records else None
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        return [r.output for r in self.records]
+
+    @property
+    def batch_size(self) -> int:
+        for r in self.records:
+            if not r.shared:
+                return r.input.shape[0]
+        raise RuntimeError(f"fastcurv.capture: {describe(self.name, self.module)} saw no batched input")
+
+    def check_unchanged(self) -> None:
+        for r in self.records:
+            if _versions(r.input, r.output) != r.versions:
+                which = "output" if r.output._version != r.versions[1] else "input"
+                raise RuntimeError(
+                    f"fastcurv.capture: the {which} of {describe(self.name, self.module)} was modified in place after "
+                    "the module ran (e.g. nn.ReLU(inplace=True) or `x += ...`); the recorded values are no longer "
+                    "the layer's. Use out-of-place operations inside a capture."
+                )
+
+    # ------------------------------------------------------------------ argument checks
+    def _deltas(self, deltas: Deltas) -> list[torch.Tensor]:
+        if not self.records:
+            raise RuntimeError(
+                f"fastcurv.capture: {describe(self.name, self.module)} has no recorded forward (none captured yet, "
+                "or cleared)"
+            )
+        if isinstance(deltas, torch.Tensor):
+            deltas = [deltas]
+        deltas = list(deltas)
+        if len(deltas) != len(self.records):
+            raise ValueError(
+                f"fastcurv.capture: {describe(self.name, self.module)} was called {len(self.records)} time(s) but got "
+                f"{len(deltas)} delta(s)"
+            )
+        for r, d in zip(self.records, deltas):
+            expected = tuple(r.output.shape)
+            if r.shared:
+                expected = (self.batch_size_hint(deltas),) + expected
+            if not isinstance(d, torch.Tensor) or tuple(d.shape) != expected:
+                shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+                what = "[B, *output] (per-example deltas of a shared output)" if r.shared else "the output's shape"
+                raise ValueError(
+                    f"fastcurv.capture: delta for {describe(self.name, self.module)} has shape {shape}, expected "
+                    f"{what} {expected}"
+                )
+        return deltas
+
+    def batch_size_hint(self, deltas: Sequence[torch.Tensor]) -> int:
+        for r, d in zip(self.records, deltas):
+            if not r.shared:
+                return r.input.shape[0]
+        return deltas[0].shape[0]
+
+    def _check_vectors(self, vectors: Sequence[torch.Tensor]) -> int:
+        if len(vectors) != len(self.params):
+            raise ValueError(
+                f"fastcurv.capture: {describe(self.name, self.module)} has {len(self.params)} trainable params "
+                f"{[n for n, _ in self.params]} but got {len(vectors)} vectors"
+            )
+        K = vectors[0].shape[0]
+        for (pname, p), v in zip(self.params, vectors):
+            if tuple(v.shape) != (K, *p.shape):
+                raise ValueError(
+                    f"fastcurv.capture: vectors for '{pname}' must be [K, *param.shape] = {(K, *p.shape)}, "
+                    f"got {tuple(v.shape)}"
+                )
+        return K
+
+    def _check_coeffs(self, coeffs: torch.Tensor, B: int) -> int:
+        if coeffs.ndim != 2 or coeffs.shape[0] != B:
+            raise ValueError(
+                f"fastcurv.capture: coeffs for {describe(self.name, self.module)} must be [B, K] with B = {B}, got "
+                f"{tuple(coeffs.shape)}"
+            )
+        return coeffs.shape[1]
+
+    # ------------------------------------------------------------------ public quantities
+    def per_example_grads(self, deltas: Deltas) -> list[torch.Tensor]:
+        """The per-example gradients themselves, ``[B, *param.shape]`` per param (materialized:
+        memory B x P; the other methods avoid that where they can)."""
+        return self._per_example_grads(self._deltas(deltas))
+
+    def sqnorm(self, deltas: Deltas) -> torch.Tensor:
+        """``[B]``: ``||g_i||^2`` over this layer's trainable params (all calls summed)."""
+        return self._sqnorm(self._deltas(deltas))
+
+    def gram(self, deltas: Deltas) -> torch.Tensor:
+        """``[B, B]``: ``<g_i, g_j>`` over this layer's trainable params."""
+        return self._gram(self._deltas(deltas))
+
+    def dot(self, deltas: Deltas, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[B, K]``: ``g_i . v_k``; ``vectors`` is aligned with :attr:`params`, each ``[K, *param.shape]``."""
+        deltas = self._deltas(deltas)
+        self._check_vectors(vectors)
+        return self._dot(deltas, vectors)
+
+    def weighted_grad_sum(self, deltas: Deltas, coeffs: torch.Tensor) -> list[torch.Tensor]:
+        """``sum_i coeffs[i, k] g_i`` per param: a list of ``[K, *param.shape]`` aligned with :attr:`params`."""
+        deltas = self._deltas(deltas)
+        self._check_coeffs(coeffs, self.batch_size_hint(deltas))
+        return self._weighted_grad_sum(deltas, coeffs)
+
+    # ------------------------------------------------------------------ what a rule implements
+    def _per_example_grads(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _sqnorm(self, deltas):
+        return sum(rows(g).square().sum(1) for g in self._per_example_grads(deltas))
+
+    def _gram(self, deltas):
+        return sum(rows(g) @ rows(g).T for g in self._per_example_grads(deltas))
+
+    def _dot(self, deltas, vectors):
+        return sum(rows(g) @ rows(v).to(g.dtype).T for g, v in zip(self._per_example_grads(deltas), vectors))
+
+    def _weighted_grad_sum(self, deltas, coeffs):
+        K = coeffs.shape[1]
+        return [
+            (coeffs.to(g.dtype).T @ rows(g)).reshape(K, *p.shape)
+            for g, (_, p) in zip(self._per_example_grads(deltas), self.params)
+        ]
+
+
+def rows(g: torch.Tensor) -> torch.Tensor:
+    """``[B, *shape]`` -> ``[B, prod(shape)]`` (also for scalar parameters, whose gradients are ``[B]``)."""
+    return g.reshape(g.shape[0], math.prod(g.shape[1:]))  # explicit: B may be 0
+
+
+def _versions(inp, out) -> tuple:
+    return (inp._version if isinstance(inp, torch.Tensor) else None, out._version)
+
+
+def batched_pairs(layer: CapturedLayer, deltas: list[torch.Tensor]) -> list[tuple[Any, torch.Tensor]]:
+    """``(input, delta)`` per record with the batch in dim 0 of both: a shared (unbatched) input is
+    expanded over the batch (a view), since its per-example deltas are ``[B, *output]`` already."""
+    B = layer.batch_size_hint(deltas)
+    return [
+        (r.input.expand(B, *r.input.shape) if r.shared else r.input, d) for r, d in zip(layer.records, deltas)
+    ]

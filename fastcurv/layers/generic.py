@@ -1,0 +1,103 @@
+"""The exact fallback for any module holding parameters that has no fast rule (a custom module
+with its own ``nn.Parameter``, ``nn.PReLU``, ``nn.Bilinear``, a subclass overriding ``forward``,
+a third-party layer).
+
+Per-example gradients of the module's *own* parameters come from re-running its recorded calls
+once with a per-example copy of each parameter (``torch.func.vmap`` over the batch, each example
+as a batch of one), then one ``autograd.grad`` of ``sum_i <delta_i, z_i>`` w.r.t. those copies:
+``[B, *param.shape]`` per parameter, materialized for this module only, differentiable (the
+copies are expanded views of the real parameters, so a penalty's gradient flows back to them).
+
+The re-run must reproduce the recorded output: a module whose examples interact (it mixes the
+batch) or that is random (dropout inside it) gives a different output, and is refused rather than
+silently mis-counted."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from fastcurv.layers.base import CapturedLayer, describe
+
+__all__ = ["GenericLayer", "replaying"]
+
+_replay = {"active": False}
+
+
+def replaying() -> bool:
+    """True while a generic rule re-runs a module (the capture's hooks must not record then)."""
+    return _replay["active"]
+
+
+class GenericLayer(CapturedLayer):
+    """Materialized per-example gradients by a vmapped re-run; see the module docstring."""
+
+    #: why this module took the generic path (set by the capture, reported once)
+    reason: str = ""
+
+    def record(self, args, kwargs, output):
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"fastcurv.capture: {describe(self.name, self.module)} returned {type(output).__name__}; the generic "
+                "rule needs a single output tensor. Give it a fast rule (fastcurv.layers.register) or ignore it."
+            )
+        return super().record(args, kwargs, output)
+
+    def check_input(self, inp):
+        pass  # any call signature: the batch is found per argument in _per_example_grads
+
+    def _per_example_grads(self, deltas):
+        B = self.batch_size_hint(deltas)
+        names = [qname.rsplit(".", 1)[-1] for qname, _ in self.params]
+        totals = [None] * len(names)
+        for rec, delta in zip(self.records, deltas):
+            grads = self._one_call(rec, delta, names, B)
+            totals = [g if t is None else t + g for t, g in zip(totals, grads)]
+        return totals
+
+    def _one_call(self, rec, delta, names, B):
+        with torch.enable_grad():  # the capture computes results without create_graph under no_grad
+            return self._one_call_with_grad(rec, delta, names, B)
+
+    def _one_call_with_grad(self, rec, delta, names, B):
+        module = self.module
+        copies = {n: p.unsqueeze(0).expand(B, *p.shape) for n, (_, p) in zip(names, self.params)}
+        flat_args = list(rec.args) + list(rec.kwargs.values())
+        batched = [isinstance(a, torch.Tensor) and a.ndim >= 1 and a.shape[0] == B for a in flat_args]
+        n_args = len(rec.args)
+        keys = list(rec.kwargs)
+
+        def one_example(params, *values):
+            values = [v.unsqueeze(0) if b else v for v, b in zip(values, batched)]
+            out = functional_call(module, params, tuple(values[:n_args]), dict(zip(keys, values[n_args:])))
+            return out.squeeze(0)
+
+        in_dims = (0,) + tuple(0 if b else None for b in batched)
+        _replay["active"] = True
+        try:
+            out = vmap(one_example, in_dims=in_dims, randomness="different")(copies, *flat_args)
+        except Exception as exc:  # vmap cannot batch some modules (in-place buffer updates, data-dependent control)
+            raise RuntimeError(
+                f"fastcurv.capture: the generic rule could not re-run {describe(self.name, self.module)} per example "
+                f"({type(exc).__name__}: {exc}). Give it a fast rule (fastcurv.layers.register), freeze it, or pass "
+                f"ignore=['{self.name}']."
+            ) from exc
+        finally:
+            _replay["active"] = False
+        ref = rec.output
+        if out.shape != ref.shape or not torch.allclose(out.to(ref.dtype), ref.detach(), rtol=_rtol(ref), atol=_rtol(ref) * ref.detach().abs().max().clamp_min(1e-30).item()):
+            raise RuntimeError(
+                f"fastcurv.capture: re-running {describe(self.name, self.module)} one example at a time does not "
+                "reproduce its batched output: its examples interact (it mixes the batch, e.g. batch statistics) or it "
+                "is random (e.g. dropout inside it). Per-example gradients through the generic rule would be wrong. "
+                "Put it in eval mode, freeze it, or pass ignore=[...]."
+            )
+        create_graph = delta.requires_grad
+        grads = torch.autograd.grad(
+            (out * delta.to(out.dtype)).sum(), list(copies.values()), create_graph=create_graph, allow_unused=True
+        )
+        return [torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device) if g is None else g for g, (_, p) in zip(grads, self.params)]
+
+
+def _rtol(t: torch.Tensor) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(t.dtype, 1e-2)

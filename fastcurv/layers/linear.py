@@ -1,0 +1,134 @@
+"""nn.Linear: ``z = a W^T + b`` over any number of leading dims; and the shared machinery of every
+layer that is a linear map after unfolding (convolutions, see conv.py).
+
+Operands are ``a [B, G, T, d_in]`` and ``delta [B, G, T, d_out]`` with the weight viewed as
+``[G, d_out, d_in]`` (G = groups, 1 for Linear). Several calls of one module concatenate along T:
+``g_i = sum over calls and positions of delta^T a`` is again one such product, so the summed
+gradient's norm (cross terms included) comes out of the same kernels. Squared norms and Gram
+matrices go through ``fastcurv.ops`` (ghost or materialized form chosen by cost per call)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastcurv import ops
+from fastcurv.layers.base import CapturedLayer, batched_pairs, common_dtype
+from fastcurv.layers.registry import register
+
+__all__ = ["LinearMapLayer", "LinearLayer"]
+
+
+class LinearMapLayer(CapturedLayer):
+    """A module whose weight gradient is ``sum_t delta_t^T a_t`` after unfolding its input."""
+
+    def __init__(self, name, module, params):
+        super().__init__(name, module, params)
+        self.weight_trainable = module.weight.requires_grad
+        self.bias_trainable = module.bias is not None and module.bias.requires_grad
+        self._unfolded: Optional[list] = None
+
+    def _cache_clear(self) -> None:
+        self._unfolded = None
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of one call as ``[B, G, T, d_in]``."""
+        raise NotImplementedError
+
+    def group_delta(self, delta: torch.Tensor, B: int, G: int, T: int) -> torch.Tensor:
+        """The delta of one call as ``[B, G, T, d_out]``."""
+        raise NotImplementedError
+
+    def operands(self, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():  # cached for later create_graph calls too: keep it in the graph
+            pairs = batched_pairs(self, deltas)
+            if self._unfolded is None or len(self._unfolded) != len(pairs):
+                self._unfolded = [self.unfold(x) for x, _ in pairs]  # unfolding copies: once per forward
+        a_parts, d_parts = [], []
+        for a, (_, delta) in zip(self._unfolded, pairs):
+            B, G, T, _ = a.shape
+            if a.shape[0] != delta.shape[0]:  # a shared input's cached unfold was made for another B
+                a = a.expand(delta.shape[0], *a.shape[1:])
+            a_parts.append(a)
+            d_parts.append(self.group_delta(delta, delta.shape[0], G, T))
+        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=2)
+        d = d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, dim=2)
+        return common_dtype(a, d)
+
+    def _per_example_grads(self, deltas):
+        a, d = self.operands(deltas)
+        B = a.shape[0]
+        grads = []
+        if self.weight_trainable:
+            grads.append(torch.einsum("bgto,bgti->bgoi", d, a).reshape(B, *self.module.weight.shape))
+        if self.bias_trainable:
+            grads.append(d.sum(2).reshape(B, -1))
+        return grads
+
+    def _sqnorm(self, deltas):
+        a, d = self.operands(deltas)
+        B, G, T, d_in = a.shape
+        if self.weight_trainable:
+            s = ops.per_example_sqnorm(
+                a.reshape(B * G, T, d_in), d.reshape(B * G, T, d.shape[-1]), bias=self.bias_trainable
+            )
+            return s.view(B, G).sum(1)
+        return d.sum(2).square().sum((1, 2))  # bias only
+
+    def _gram(self, deltas):
+        a, d = self.operands(deltas)
+        B, G = a.shape[:2]
+        if not self.weight_trainable:
+            d_sum = d.sum(2).reshape(B, -1)
+            return d_sum @ d_sum.T
+        # groups: G_ij sums over matching groups only (never the (BG) x (BG) matrix)
+        return sum(ops.per_example_gram(a[:, g], d[:, g], bias=self.bias_trainable) for g in range(G))
+
+    def _dot(self, deltas, vectors):
+        a, d = self.operands(deltas)
+        B, G, T, d_in = a.shape
+        d_out = d.shape[-1]
+        K = vectors[0].shape[0]
+        out = a.new_zeros(B, K)
+        i = 0
+        if self.weight_trainable:
+            v = vectors[i].to(a.dtype).reshape(K, G, d_out, d_in)
+            i += 1
+            if T == 1:  # d_i^T V_k a_i without the B x P per-example gradients
+                dv = torch.einsum("bgo,kgoi->bgki", d[:, :, 0], v)
+                out = out + torch.einsum("bgki,bgi->bk", dv, a[:, :, 0])
+            else:  # materializing g_i (one GEMM per group) is cheaper than T * K products
+                g = torch.einsum("bgto,bgti->bgoi", d, a)
+                out = out + g.reshape(B, -1) @ v.reshape(K, -1).T
+        if self.bias_trainable:
+            vb = vectors[i].to(a.dtype).reshape(K, G * d_out)
+            out = out + d.sum(2).reshape(B, -1) @ vb.T
+        return out
+
+    def _weighted_grad_sum(self, deltas, coeffs):
+        a, d = self.operands(deltas)
+        K = coeffs.shape[1]
+        c = coeffs.to(a.dtype)
+        result = []
+        if self.weight_trainable:
+            # (c-weighted deltas)^T a over (b, t): one batched GEMM over groups
+            cd = c.T[:, :, None, None, None] * d[None]  # [K, B, G, T, d_out]
+            w = torch.einsum("kbgto,bgti->kgoi", cd, a)
+            result.append(w.reshape(K, *self.module.weight.shape))
+        if self.bias_trainable:
+            result.append((c.T @ d.sum(2).reshape(d.shape[0], -1)).reshape(K, -1))
+        return result
+
+
+@register(nn.Linear)
+class LinearLayer(LinearMapLayer):
+    supports_shared_input = True
+    min_batched_ndim = 2
+
+    def unfold(self, x):
+        return x.reshape(x.shape[0], 1, math.prod(x.shape[1:-1]), x.shape[-1])  # explicit T: B may be 0
+
+    def group_delta(self, delta, B, G, T):
+        return delta.reshape(B, 1, T, delta.shape[-1])
