@@ -5,7 +5,8 @@ Opacus ghost-clipping norms vs a plain forward+backward (the floor), in one run.
 
 Every contender computes ||grad l_i||^2 for all parameters of the same model on the same batch;
 BackPACK and Opacus also produce the summed gradient in the same backward (that is how they work),
-fastcurv and torch.func produce only the norms. Ratios: see bench/README.md.
+fastcurv and torch.func produce only the norms. Ratios: see bench/README.md. Each benchmark also records
+its peak memory next to the plain forward+backward's in extra_info (conftest.memory_next_to_plain).
 """
 import copy
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastcurv
-from conftest import sync
+from conftest import memory_next_to_plain, sync
 
 
 def mlp(big: bool):
@@ -159,4 +160,5 @@ def test_per_example_sqnorms(benchmark, record, dev, case, contender):
         fn(model, x, y)
         sync(dev)
 
+    benchmark.extra_info.update(memory_next_to_plain(step, lambda: run_plain(model, x, y), dev, model))
     benchmark.pedantic(step, rounds=5 if dev.type == "cpu" else 20, warmup_rounds=1, iterations=1)

@@ -1,22 +1,38 @@
 """Training-step cost, in one run:
 
-* ``regstep-*``: one curvature-regularized step (mean l + alpha mean_i ||grad l_i||^2) by fastcurv vs
-  torch.func vmap(grad) with create_graph vs a loop over micro-batches of one example, against a plain
-  step (the floor).
+* ``regstep-{mlp,cnn,resnet18}``: one curvature-regularized step (mean l + alpha mean_i ||grad l_i||^2)
+  by fastcurv against a plain step (the floor) and what users run instead for a gradient-norm penalty:
+  SAM and GNP (bench/_peers.py, two forward+backward passes each, approximations of a different
+  penalty); on the MLP also torch.func vmap(grad) with create_graph and a loop over micro-batches.
+  ResNet-18: 32x32, B=64, BatchNorm in eval mode.
+* ``subbatch-{mlp,cnn,resnet18}``: one step of R_alpha (paper 001, M=8, ``SubBatchGradNorm.backward``)
+  against an sgd step; ResNet-18 with BatchNorm in train mode (per-sub-batch statistics).
 * ``rules-*``: one step of every learning rule of ``fastcurv.train`` relative to ``sgd``.
+
+Every benchmark also records the peak memory of its step next to the plain step's in extra_info
+(``peak_mem_MiB``, ``plain_peak_mem_MiB``, ``peak_mem_vs_plain``; see ``conftest.peak_memory_bytes``).
 
     python -m pytest bench/test_bench_steps.py --benchmark-only --benchmark-group-by=group
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 import fastcurv
-from fastcurv.regularizers import Curvature
+from fastcurv.regularizers import Curvature, SubBatchGradNorm
 from fastcurv.train.loop import per_example_loss
 from fastcurv.train.rules import RULES, make_rule
-from conftest import sync
+from _peers import GNP_ALPHA, GNP_R, SAM_RHO, make_gnp_step, make_sam_step
+from conftest import memory_next_to_plain, sync
+from test_bench_norms import cnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo import resnet18  # noqa: E402  (the tests' ResNet-18, shared so that both run the same network)
 
 ALPHA = 1e-3
 
@@ -79,27 +95,111 @@ def step_microbatch(model, x, y):
     total.backward()
 
 
+def image_case(name, dev, batch=64, train_batchnorm=False):
+    """The small CNN of the norms benchmark or ResNet-18 (width 64), 32x32 inputs, 10 classes."""
+    g = torch.Generator().manual_seed(0)
+    model = cnn(dev.type == "cuda") if name == "cnn" else resnet18()
+    model.train(train_batchnorm)  # BatchNorm: eval mode (running statistics) unless asked
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return model.to(dev), x.to(dev), y.to(dev)
+
+
+def step_case(name, dev, train_batchnorm=False):
+    if name == "mlp":
+        return mlp_case(dev, batch=64 if dev.type == "cpu" else 256)
+    return image_case(name, dev, batch=64 if dev.type == "cpu" else 256, train_batchnorm=train_batchnorm)
+
+
+def _perturbed_grad(model, x, y, grad, radius):
+    """grad L(w + radius g/||g||) by torch.func, without touching the model: the peers' oracle."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    norm = torch.sqrt(sum(g.square().sum() for g in grad.values()))
+    return torch.func.grad(loss)({n: params[n] + radius * grad[n] / norm for n in params})
+
+
+def check_peer(contender, model, x, y):
+    """SAM and GNP leave their documented direction in .grad (checked once, before timing)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    plain = torch.func.grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(params)
+    if contender == "sam":
+        want = _perturbed_grad(model, x, y, plain, SAM_RHO)
+    else:
+        shifted = _perturbed_grad(model, x, y, plain, GNP_R)
+        want = {n: (1 - GNP_ALPHA) * plain[n] + GNP_ALPHA * shifted[n] for n in params}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-5, msg=f"{contender}: .grad of {n}")
+        torch.testing.assert_close(p.detach(), params[n], rtol=0, atol=1e-6, msg=f"{contender}: {n} not restored")
+
+
 REGSTEP = {
     "plain_step": lambda model: step_plain,
     "fastcurv": make_step_fastcurv,
+    "sam": make_sam_step,
+    "gnp": make_gnp_step,
     "torch_func": make_step_torch_func,
     "microbatch_loop": lambda model: step_microbatch,
 }
+MLP_ONLY = ("torch_func", "microbatch_loop")  # B sequential double-backwards: too slow for the conv nets
 
 
 @pytest.mark.parametrize("contender", list(REGSTEP))
-def test_regularized_step(benchmark, record, dev, contender):
+@pytest.mark.parametrize("case", ["mlp", "cnn", "resnet18"])
+def test_regularized_step(benchmark, record, dev, case, contender):
+    if case != "mlp" and contender in MLP_ONLY:
+        pytest.skip(f"{contender} only on the MLP")
     # The micro-batch loop is B sequential double-backwards: a smaller batch keeps the run short;
     # every contender uses the same batch so the ratios are comparable.
-    model, x, y = mlp_case(dev, batch=64 if dev.type == "cpu" else 256)
-    record("regstep-mlp", contender=contender, batch=x.shape[0])
+    model, x, y = step_case(case, dev)
+    record(f"regstep-{case}", contender=contender, batch=x.shape[0])
     fn = REGSTEP[contender](model)
+    if contender in ("sam", "gnp"):
+        fn(model, x, y)
+        check_peer(contender, model, x, y)
 
     def run():
         fn(model, x, y)
         sync(dev)
 
-    benchmark.pedantic(run, rounds=3 if contender == "microbatch_loop" else 10, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update(memory_next_to_plain(run, lambda: step_plain(model, x, y), dev, model))
+    rounds = 3 if contender == "microbatch_loop" or case == "resnet18" else 10
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+SUBBATCHES = 8  # paper 001's M
+
+
+@pytest.mark.parametrize("contender", ["sgd_step", "subbatch_step"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "resnet18"])
+def test_subbatch_step(benchmark, record, dev, case, contender):
+    # ResNet-18 trains with BatchNorm in train mode, as in the paper (sub-batch statistics for R_alpha)
+    model, x, y = step_case(case, dev, train_batchnorm=True)
+    record(f"subbatch-{case}", contender=contender, batch=x.shape[0], num_subbatches=SUBBATCHES,
+           batchnorm="train" if case == "resnet18" else "none")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    reg = SubBatchGradNorm(model, alpha=1e-4, beta=10.0, num_subbatches=SUBBATCHES)
+
+    def sgd_step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def subbatch_step():
+        opt.zero_grad(set_to_none=True)
+        reg.backward(x, y)
+        opt.step()
+
+    fn = sgd_step if contender == "sgd_step" else subbatch_step
+
+    def run():
+        fn()
+        sync(dev)
+
+    benchmark.extra_info.update(memory_next_to_plain(run, sgd_step, dev, model))
+    benchmark.pedantic(run, rounds=3 if case == "resnet18" else 10, warmup_rounds=1, iterations=1)
 
 
 def rules_case(dev):

@@ -265,6 +265,13 @@ def test_bad_input():
     bn = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).to(DT)
     with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) .* sub-batch has 1 value per channel"):
         SubBatchGradNorm(bn, num_subbatches=10)(x, y)
+    class Transposed(nn.Module):  # a Linear fed [features, B]: rows are not examples
+        def forward(self, h):
+            return h.T
+
+    transposed = nn.Sequential(Transposed(), nn.Linear(10, 3), Transposed()).to(DT)
+    with pytest.raises(ValueError, match=r"module '1' \(Linear\) got input \(4, 10\); expected dim 0 to be the batch"):
+        SubBatchGradNorm(transposed, num_subbatches=2)(x, y)
     fallback, _ = make_case("vmap_fallback")
     fallback.insert(1, nn.BatchNorm1d(5).to(DT))
     with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) normalizes with batch statistics.*vmap"):

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fastcurv.layers.base import describe
 from fastcurv.regularizers.norms import Regularizer, check_coefficient, trainable_parameters
 
 __all__ = ["SubBatchGradNorm", "GROUPED_MODULES"]
@@ -118,10 +119,6 @@ class _Pass:
         return stack[first:first + count]
 
 
-def _describe(name: str, module: nn.Module) -> str:
-    return f"module '{name}' ({type(module).__name__})" if name else f"the root module ({type(module).__name__})"
-
-
 def _join(outs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -196,7 +193,7 @@ def _conv(module: nn.modules.conv._ConvNd, name: str, run: _Pass, x: torch.Tenso
     # input [rounds, count*C_in, ...], weight [count*C_out, C_in/G, ...], groups count*G.
     if x.ndim != len(module.kernel_size) + 2:
         raise ValueError(
-            f"SubBatchGradNorm: {_describe(name, module)} got input {tuple(x.shape)}; expected a batched "
+            f"SubBatchGradNorm: {describe(name, module)} got input {tuple(x.shape)}; expected a batched "
             f"[B, C, {len(module.kernel_size)} spatial dims] input"
         )
     padding = module.padding
@@ -226,7 +223,7 @@ def _ghost_batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, run: _
     counts = torch.tensor(layout.sizes, dtype=x.dtype, device=x.device) * per_channel
     if counts.min() <= 1:
         raise ValueError(
-            f"SubBatchGradNorm: {_describe(name, module)} normalizes each sub-batch with its own batch "
+            f"SubBatchGradNorm: {describe(name, module)} normalizes each sub-batch with its own batch "
             f"statistics, but with input {tuple(x.shape)} and num_subbatches={m} a sub-batch has "
             f"{int(counts.min())} value per channel (need more than 1): use fewer sub-batches, a larger "
             "batch, or eval mode"
@@ -293,13 +290,23 @@ if _RMSNORM is not None:
 GROUPED_MODULES = tuple(_GROUPED_RULES)
 
 
+def _grouped_call(rule, module: nn.Module, name: str, run: _Pass, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != run.layout.subbatch_of.shape[0]:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"SubBatchGradNorm: {describe(name, module)} got input {shape}; expected dim 0 to be the batch of "
+            f"{run.layout.subbatch_of.shape[0]} examples (examples are assigned to sub-batches by row)"
+        )
+    return rule(module, name, run, x)
+
+
 @contextlib.contextmanager
 def _grouped_forward(modules: list[tuple[str, nn.Module]], run: _Pass):
     """Inside: each listed module's forward is its grouped rule (an instance attribute, so the
     module's hooks still run); restored on exit, also on an exception."""
     try:
         for name, module in modules:
-            module.forward = functools.partial(_GROUPED_RULES[type(module)], module, name, run)
+            module.forward = functools.partial(_grouped_call, _GROUPED_RULES[type(module)], module, name, run)
         yield
     finally:
         for _, module in modules:
@@ -399,7 +406,7 @@ class SubBatchGradNorm(Regularizer):
                 module.training or module.running_mean is None
             ):
                 raise ValueError(
-                    f"SubBatchGradNorm: {_describe(name, module)} normalizes with batch statistics (train mode "
+                    f"SubBatchGradNorm: {describe(name, module)} normalizes with batch statistics (train mode "
                     "or no running stats), and the model has a module outside the grouped forward "
                     f"({', '.join(t.__name__ for t in GROUPED_MODULES)}), so it runs under torch.func.vmap, "
                     "where BatchNorm's running-statistics update cannot run. Put it in eval mode, or use "
@@ -552,7 +559,7 @@ class SubBatchGradNorm(Regularizer):
 
         losses, clean, shifted, r_alpha = self._finite_difference(x, y, clean_weight, update_running_stats=True)
         for (_, p), gc, gs in zip(self.params, clean, shifted):
-            step = torch.add(gc, gs, alpha=-self.beta / m)
+            step = gc.add_(gs, alpha=-self.beta / m)  # gc is ours: updating it in place saves a P-sized allocation
             if p.grad is None:
                 p.grad = step
             else:
