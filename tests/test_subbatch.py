@@ -125,12 +125,13 @@ CASES = ["mlp", "cnn", "conv1d_3d", "batchnorm_train", "batchnorm_no_affine_no_s
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("batch,m", [(12, 4), (10, 4), (8, 8), (7, 1)])
-def test_matches_algorithm1(case, batch, m):
+def test_matches_algorithm1(device, case, batch, m):
     model, shape = make_case(case)
+    model.to(device)
     if "batchnorm" in case and batch // m < 2:
         pytest.skip("BatchNorm1d needs 2 examples per sub-batch")
-    x = torch.randn(batch, *shape, dtype=DT)
-    y = torch.randint(0, 3, (batch,))
+    x = torch.randn(batch, *shape, dtype=DT, device=device)
+    y = torch.randint(0, 3, (batch,), device=device)
     alpha, beta = 1e-3, 3.0
     value, reg_grads, data_grads = algorithm1(model, x, y, alpha, beta, m)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -156,10 +157,11 @@ def test_matches_algorithm1(case, batch, m):
 
 @pytest.mark.parametrize("case", ["mlp", "cnn", "batchnorm_train", "sequence", "shared_linear", "vmap_fallback"])
 @pytest.mark.parametrize("batch,m", [(12, 4), (10, 3)])
-def test_exact_form(case, batch, m):
+def test_exact_form(device, case, batch, m):
     model, shape = make_case(case)
-    x = torch.randn(batch, *shape, dtype=DT)
-    y = torch.randint(0, 3, (batch,))
+    model.to(device)
+    x = torch.randn(batch, *shape, dtype=DT, device=device)
+    y = torch.randint(0, 3, (batch,), device=device)
     alpha, beta = 1e-2, 2.0
     model_copy = copy.deepcopy(model)  # the loop's train-mode forwards must not move our statistics
     expected, expected_grads = exact_penalty_grads(model_copy, x, y, alpha, beta, m)

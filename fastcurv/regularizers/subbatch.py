@@ -394,7 +394,7 @@ class SubBatchGradNorm(Regularizer):
         covered (then the whole model runs under vmap)."""
         grouped = []
         for name, module in self.model.named_modules():
-            if type(module) in _GROUPED_RULES:
+            if type(module) in _GROUPED_RULES and "forward" not in module.__dict__:  # no instance override
                 grouped.append((name, module))  # frozen ones too: BatchNorm's statistics are per sub-batch
             elif any(p.requires_grad for p in module.parameters(recurse=False)):
                 return None
