@@ -210,12 +210,13 @@ def test_custom_loss_and_frozen_parameter():
         torch.testing.assert_close(p.grad, r + d, rtol=1e-8, atol=1e-13)
 
 
-def test_batchnorm_running_statistics():
+@pytest.mark.parametrize("batch", [12, 10])  # M | B: one fused batch_norm over a view; else per-segment sums
+def test_batchnorm_running_statistics(batch):
     # backward(): one update, towards the mean over sub-batches of (mean, unbiased variance);
     # reg(x, y) and the perturbed pass leave them alone.
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, momentum=0.25), nn.Linear(3, 3)).to(DT)
     bn = model[1]
-    x, y = torch.randn(10, 4, dtype=DT), torch.randint(0, 3, (10,))
+    x, y = torch.randn(batch, 4, dtype=DT), torch.randint(0, 3, (batch,))
     bn.running_mean.fill_(0.5)
     bn.running_var.fill_(2.0)
     reg = SubBatchGradNorm(model, num_subbatches=3)

@@ -214,20 +214,13 @@ def _conv(module: nn.modules.conv._ConvNd, name: str, run: _Pass, x: torch.Tenso
 
 
 def _ghost_batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, run: _Pass, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm with each sub-batch's own statistics (biased variance, as BatchNorm normalizes with).
-    In a pass that may update them, the running statistics move once, towards the mean over the M
+    """BatchNorm with each sub-batch's own statistics (biased variance, as BatchNorm normalizes with)
+    when M does not divide B (else :func:`_per_channel_norm_folded`). In a pass that may update them, the running statistics move once, towards the mean over the M
     sub-batches of their (mean, unbiased variance)."""
     layout = run.layout
     m, channels = len(layout.sizes), x.shape[1]
-    per_channel = x[:1, :1].numel()  # values per channel per example
-    counts = torch.tensor(layout.sizes, dtype=x.dtype, device=x.device) * per_channel
-    if counts.min() <= 1:
-        raise ValueError(
-            f"SubBatchGradNorm: {describe(name, module)} normalizes each sub-batch with its own batch "
-            f"statistics, but with input {tuple(x.shape)} and num_subbatches={m} a sub-batch has "
-            f"{int(counts.min())} value per channel (need more than 1): use fewer sub-batches, a larger "
-            "batch, or eval mode"
-        )
+    _check_values_per_channel(module, name, layout, x)
+    counts = torch.tensor(layout.sizes, dtype=x.dtype, device=x.device) * x[:1, :1].numel()
     # [rounds, count, C, values] views of each segment; statistics summed over rounds and values
     parts = [x[start:start + rounds * count].reshape(rounds, count, channels, -1)
              for _, count, rounds, start in layout.segments]
@@ -254,7 +247,49 @@ def _ghost_batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, run: _
     return _join(out)
 
 
+def _per_channel_norm_folded(module: nn.Module, name: str, run: _Pass, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm / BatchNorm when M divides B: the rows ``[rounds, M]`` viewed as ``[rounds, M*C, ...]``
+    make channel ``k*C + c`` sub-batch k's channel c, so one fused ``batch_norm`` computes every
+    sub-batch's statistics (and ``group_norm`` with ``M*G`` groups each example's), with the ``[M, C]``
+    affine stacks as its ``[M*C]`` weight and bias: no copies, no per-example gather."""
+    m = len(run.layout.sizes)
+    xv = x.reshape(run.layout.segments[0][2], m * x.shape[1], *x.shape[2:])
+    w, b = (run.stacked(module, pname, 0, m) for pname in ("weight", "bias"))
+    w, b = (None if t is None else t.reshape(-1) for t in (w, b))
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(xv, m * module.num_groups, w, b, module.eps).reshape(x.shape)
+    if not (module.training or module.running_mean is None):  # eval: running statistics
+        mean, var = module.running_mean.repeat(m), module.running_var.repeat(m)
+        return F.batch_norm(xv, mean, var, w, b, False, 0.0, module.eps).reshape(x.shape)
+    _check_values_per_channel(module, name, run.layout, x)
+    if not (run.update_running_stats and module.training and module.running_mean is not None):
+        return F.batch_norm(xv, None, None, w, b, True, 0.0, module.eps).reshape(x.shape)
+    module.num_batches_tracked.add_(1)
+    momentum = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
+    # per-(sub-batch, channel) running statistics, then their mean over the sub-batches
+    mean, var = module.running_mean.repeat(m), module.running_var.repeat(m)
+    out = F.batch_norm(xv, mean, var, w, b, True, momentum, module.eps)
+    with torch.no_grad():
+        module.running_mean.copy_(mean.view(m, -1).mean(0))
+        module.running_var.copy_(var.view(m, -1).mean(0))
+    return out.reshape(x.shape)
+
+
+def _check_values_per_channel(module, name: str, layout: _Layout, x: torch.Tensor) -> None:
+    smallest = min(layout.sizes) * x[:1, :1].numel()  # values per channel in the smallest sub-batch
+    if smallest <= 1:
+        raise ValueError(
+            f"SubBatchGradNorm: {describe(name, module)} normalizes each sub-batch with its own batch "
+            f"statistics, but with input {tuple(x.shape)} and num_subbatches={len(layout.sizes)} a sub-batch has "
+            f"{smallest} value per channel (need more than 1): use fewer sub-batches, a larger batch, or eval mode"
+        )
+
+
 def _norm(module: nn.Module, name: str, run: _Pass, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module._check_input_dim(x)
+    if len(run.layout.segments) == 1 and isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+        return _per_channel_norm_folded(module, name, run, x)
     if isinstance(module, nn.LayerNorm):
         xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     elif _RMSNORM is not None and isinstance(module, _RMSNORM):
@@ -262,7 +297,6 @@ def _norm(module: nn.Module, name: str, run: _Pass, x: torch.Tensor) -> torch.Te
     elif isinstance(module, nn.GroupNorm):
         xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
     elif module.training or module.running_mean is None:
-        module._check_input_dim(x)
         xhat = _ghost_batch_norm(module, name, run, x)
     else:
         xhat = F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
@@ -343,8 +377,9 @@ class SubBatchGradNorm(Regularizer):
       Algorithm 1's (one derivative; the finite-difference form is not twice differentiable), for
       combining with other terms. The caller's own forward is a third pass.
 
-    Sub-batches: consecutive examples, near-equal sizes when M does not divide B (the first ``B mod M``
-    get one example more). ``L(B_k, w)`` is the mean over B_k and R_alpha averages the M terms with
+    Sub-batches: sub-batch k holds examples k, k+M, k+2M, ... (interleaved, which makes the grouped
+    convolution a view; the paper splits at random, which a shuffled data loader already gives), with
+    near-equal sizes when M does not divide B (the first ``B mod M`` get one example more). ``L(B_k, w)`` is the mean over B_k and R_alpha averages the M terms with
     equal weight 1/M (Algorithm 1 as written, also for unequal sizes); ``L(B, w)`` is the mean over B.
     B < M is an error (a sub-batch would be empty).
 
