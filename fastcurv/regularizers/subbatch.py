@@ -116,6 +116,8 @@ class _Pass:
         stack = self.stacks.get(id(p))
         if stack is None:
             return p.unsqueeze(0).expand(count, *p.shape)
+        if first == 0 and count == stack.shape[0]:
+            return stack  # a full slice would cost an M x P zero-fill and copy in the backward
         return stack[first:first + count]
 
 
@@ -542,7 +544,7 @@ class SubBatchGradNorm(Regularizer):
         clean.update({id(p): torch.zeros_like(p) if g is None else g for p, g in zip(direct, direct_grads)})
         # perturbed pass: set k equal to w - alpha g_k
         shifted_stacks = {
-            id(p): (p.detach().unsqueeze(0) - self.alpha * g / c.reshape(m, *([1] * p.ndim))).requires_grad_()
+            id(p): torch.addcdiv(p.detach(), g, c.reshape(m, *([1] * p.ndim)), value=-self.alpha).requires_grad_()
             for p, g in zip(stacked, stack_grads)
         }
         run = _Pass(shifted_stacks, layout, False, low_rank, uses=run.uses, shifted=True, alpha=self.alpha)
