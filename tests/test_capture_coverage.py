@@ -284,7 +284,7 @@ def test_compiled_wrapper_is_refused_with_the_fix():
 @pytest.mark.parametrize("mode", ["frozen_stats", "exact"])
 def test_resnet18_with_train_mode_batchnorm(mode):
     """ResNet-18 topology (narrow, 16x16 inputs to keep the float64 loop short) in train mode."""
-    from zoo import resnet18
+    from fastcurv.models import resnet18
 
     torch.manual_seed(0)
     model = resnet18(width=4).train()
