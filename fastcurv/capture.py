@@ -528,11 +528,11 @@ def _pair_cross(la, ka, da, lb, kb, db, gram: bool) -> torch.Tensor:
     from fastcurv.layers.embedding import EmbeddingLayer
     from fastcurv.layers.linear import LinearLayer
 
-    if not gram:
-        if isinstance(la, LinearLayer) and isinstance(lb, EmbeddingLayer):
-            la, ka, da, lb, kb, db = lb, kb, db, la, ka, da
-        if isinstance(la, EmbeddingLayer) and isinstance(lb, LinearLayer) and lb.params[kb][0].endswith("weight"):
-            return 2 * _embedding_linear_cross(la, da, lb, db)
+    if isinstance(la, LinearLayer) and isinstance(lb, EmbeddingLayer):
+        la, ka, da, lb, kb, db = lb, kb, db, la, ka, da
+    if isinstance(la, EmbeddingLayer) and isinstance(lb, LinearLayer) and lb.params[kb][0].endswith("weight"):
+        cross = _embedding_linear_cross(la, da, lb, db, gram)
+        return cross + cross.T if gram else 2 * cross
     ga = rows(la.per_example_grads(da)[ka])
     gb = rows(lb.per_example_grads(db)[kb])
     if gram:
@@ -540,18 +540,25 @@ def _pair_cross(la, ka, da, lb, kb, db, gram: bool) -> torch.Tensor:
     return 2 * (ga * gb).sum(1)
 
 
-def _embedding_linear_cross(emb, d_emb, lin, d_lin) -> torch.Tensor:
-    """``<g_emb,i, g_lin,i>`` for an Embedding weight tied to a Linear weight ``[V, D]``, without the
-    [B, V, D] gradients: ``sum_{t,s} d_lin[s, tok_t] (delta_emb[t] . a_lin[s])``."""
+def _embedding_linear_cross(emb, d_emb, lin, d_lin, gram: bool = False) -> torch.Tensor:
+    """``<g_emb,i, g_lin,i>`` ([B]; or ``<g_emb,i, g_lin,j>``, [B, B]) for an Embedding weight tied to
+    a Linear weight ``[V, D]``, without the [B, V, D] gradients:
+    ``sum_{t in i, s in j} d_lin[j, s, tok_it] (delta_emb[i, t] . a_lin[j, s])``."""
     tok, de = emb._tokens_and_deltas(d_emb if isinstance(d_emb, list) else [d_emb])
     a, dl = lin.operands(d_lin if isinstance(d_lin, list) else [d_lin])  # [B, 1, S, D], [B, 1, S, V]
     a, dl = a[:, 0], dl[:, 0]
+    tok = tok.long()
     keep = torch.ones_like(tok, dtype=torch.bool)
     if emb.module.padding_idx is not None:
         keep = tok != emb.module.padding_idx
-    picked = dl.gather(2, tok.long()[:, None, :].expand(-1, dl.shape[1], -1))  # [B, S, T]: d_lin[s, tok_t]
-    dots = a.to(de.dtype) @ de.transpose(1, 2)  # [B, S, T]: a_s . delta_t
-    return (picked.to(dots.dtype) * dots * keep[:, None, :]).sum((1, 2))
+    if not gram:
+        picked = dl.gather(2, tok[:, None, :].expand(-1, dl.shape[1], -1))  # [B, S, T]: d_lin[s, tok_t]
+        dots = a.to(de.dtype) @ de.transpose(1, 2)  # [B, S, T]: a_s . delta_t
+        return (picked.to(dots.dtype) * dots * keep[:, None, :]).sum((1, 2))
+    B, T = tok.shape
+    picked = dl.index_select(2, tok.flatten()).view(B, dl.shape[1], B, T)  # [j, s, i, t]: d_lin[j, s, tok_it]
+    dots = torch.einsum("jsd,itd->jsit", a.to(de.dtype), de)
+    return torch.einsum("jsit,jsit,it->ij", picked.to(dots.dtype), dots, keep.to(dots.dtype))
 
 
 def _tensors(args, kwargs, first) -> list[torch.Tensor]:
