@@ -295,13 +295,22 @@ class Capture:
         gate = stats_gate_closed() if self.batchnorm == "frozen_stats" else contextlib.nullcontext()
         found: dict[int, torch.Tensor] = {}
         with gate, _explain_second_backward(), torch.enable_grad():
-            live = [r for _, r in batched if r.output.requires_grad]
+            probes = self._broadcast_probes(losses, [r for _, r in shared if r.output.requires_grad])
+            live = [r for _, r in batched if r.output.requires_grad] + [r for r, _ in probes]
             if live:
-                grads = torch.autograd.grad(
-                    losses.sum(), [r.output for r in live], create_graph=create_graph, retain_graph=True,
-                    allow_unused=True,
-                )
-                found.update({id(r): g for r, g in zip(live, grads) if g is not None})
+                try:
+                    grads = torch.autograd.grad(
+                        losses.sum(), [r.output for r in live], create_graph=create_graph, retain_graph=True,
+                        allow_unused=True,
+                    )
+                finally:
+                    for _, probe in probes:
+                        probe.remove()
+                found.update({id(r): g for r, g in zip(live, grads) if g is not None and not r.shared})
+            for r, probe in probes:
+                if probe.delta is not None and tuple(probe.delta.shape) == (self.batch_size,) + tuple(r.output.shape):
+                    found[id(r)] = probe.delta
+                    shared = [(layer, rr) for layer, rr in shared if rr is not r]
             suspects = [r for layer, r in batched if id(r) in found and self._ambiguous(layer, r)]
             for r in self._interacting(losses, suspects, found):
                 r.shared = True  # its output is shared by the examples: per-example deltas below
@@ -388,6 +397,32 @@ class Capture:
             if not torch.allclose(v, expect, rtol=tol, atol=tol * float(d.abs().max().clamp_min(1e-30))):
                 bad.append(r)
         return bad
+
+    def _broadcast_probes(self, losses, records) -> list:
+        """Shared outputs whose only use is ``batched + shared`` (nanoGPT's ``wte(idx) + wpe(pos)``):
+        the add's output gradient, ``[B, *output]``, is their per-example delta, so a hook on that
+        add node gives it during the ordinary backward, with no batched backward."""
+        if not records:
+            return []
+        targets = {r.output.grad_fn: r for r in records if r.output.grad_fn is not None}
+        consumers: dict = {}
+        seen, todo = set(), [losses.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for fn, _ in node.next_functions:
+                if fn in targets:
+                    consumers.setdefault(fn, []).append(node)
+                if fn is not None:
+                    todo.append(fn)
+        probes = []
+        for fn, r in targets.items():
+            users = consumers.get(fn, [])
+            if len(users) == 1 and type(users[0]).__name__ == "AddBackward0" and getattr(users[0], "_saved_alpha", None) == 1:
+                probes.append((r, _GradProbe(users[0])))
+        return probes
 
     def _per_example_deltas(self, losses, records, create_graph) -> dict[int, torch.Tensor]:
         """``[B, *output]`` deltas of outputs shared by the examples: B vector-Jacobian products in one
@@ -559,6 +594,20 @@ def _embedding_linear_cross(emb, d_emb, lin, d_lin, gram: bool = False) -> torch
     picked = dl.index_select(2, tok.flatten()).view(B, dl.shape[1], B, T)  # [j, s, i, t]: d_lin[j, s, tok_it]
     dots = torch.einsum("jsd,itd->jsit", a.to(de.dtype), de)
     return torch.einsum("jsit,jsit,it->ij", picked.to(dots.dtype), dots, keep.to(dots.dtype))
+
+
+class _GradProbe:
+    """Keeps the gradient arriving at an autograd node's output during one backward."""
+
+    def __init__(self, node):
+        self.delta = None
+        self.handle = node.register_prehook(self)
+
+    def __call__(self, grad_outputs):
+        self.delta = grad_outputs[0]
+
+    def remove(self):
+        self.handle.remove()
 
 
 def _tensors(args, kwargs, first) -> list[torch.Tensor]:

@@ -312,3 +312,15 @@ def test_resnet18_with_train_mode_batchnorm(mode):
     with capture(model, batchnorm="frozen_stats") as cap:
         out = model(x)
     torch.testing.assert_close(cap.per_example_sqnorms(F.cross_entropy(out, y, reduction="none")), ref)
+
+
+def test_broadcast_positions_need_no_batched_backward(monkeypatch):
+    """wte(idx) + wpe(arange(T)): the add's output gradient is wpe's per-example delta."""
+    model = TiedLM()
+    idx, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("took the batched backward")
+
+    monkeypatch.setattr(fastcurv.capture.Capture, "_per_example_deltas", refuse)
+    check_against_loop(model, lambda m: m(idx), lambda out: ce(out, targets))
