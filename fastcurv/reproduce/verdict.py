@@ -57,7 +57,7 @@ def paired_test(ours, baseline) -> dict:
     """Paired comparison of per-seed values ``ours[i]`` vs ``baseline[i]`` (same seed ``i``).
 
     Returns the mean and std of the differences, the paired t statistic with its two-sided p-value
-    (the test the verdict uses) and the exact sign-flip p-value (reported; with n seeds it cannot go
+    (the test the verdict uses; the sign-flip one when all differences are equal) and the exact sign-flip p-value (reported; with n seeds it cannot go
     below 2 / 2^n)."""
     a, b = np.asarray(ours, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
@@ -69,7 +69,9 @@ def paired_test(ours, baseline) -> dict:
     if n < 2:
         t, p = math.nan, math.nan
     elif std == 0.0:
-        t, p = (math.copysign(math.inf, mean), 0.0) if mean != 0 else (0.0, 1.0)
+        # Identical differences make t infinite; fall back on the exact sign-flip p-value, which
+        # cannot declare 2 or 3 seeds significant however consistent they are.
+        t, p = (math.copysign(math.inf, mean) if mean != 0 else 0.0), sign_flip_p(d)
     else:
         t = mean / (std / math.sqrt(n))
         p = student_t_two_sided_p(t, n - 1)
