@@ -1,0 +1,198 @@
+"""Fast rules for ConvTranspose1d/2d/3d, InstanceNorm1d/2d/3d and EmbeddingBag, in float64 against
+the per-example autograd loop of tests/zoo.py (norms, Gram, penalty gradient), plus every layer
+method (per-example gradients, dot, weighted sums) against the loop's gradients, and a small U-Net."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcurv.capture import capture
+from fastcurv.layers import GenericLayer
+from zoo import check_against_loop, loop_grads, trainable
+
+
+@pytest.fixture(autouse=True)
+def _f64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def check_layer_methods(model, forward, loss_fn, rule):
+    """Every fast-rule layer's per-example grads / dot / weighted sums against the loop, and no
+    module fell to the generic rule."""
+    names = [n for n, _ in trainable(model)]
+    params = [p for _, p in trainable(model)]
+    J = loop_grads(loss_fn(forward(model)), params)
+    ref, start = {}, 0
+    for n, p in zip(names, params):
+        ref[n] = J[:, start : start + p.numel()].reshape(-1, *p.shape)
+        start += p.numel()
+    with capture(model, strict=True) as cap:
+        out = forward(model)
+    losses = loss_fn(out)
+    assert any(isinstance(layer, rule) for layer in cap.layers), f"no layer served by {rule.__name__}"
+    assert not any(isinstance(layer, GenericLayer) for layer in cap.layers)
+    B, K = losses.shape[0], 3
+    coeffs = torch.randn(B, K)
+    for layer, delta in zip(cap.layers, cap.deltas(losses)):
+        vectors = [torch.randn(K, *p.shape) for _, p in layer.params]
+        Jl = torch.cat([ref[n].reshape(B, -1) for n, _ in layer.params], 1)
+        Vl = torch.cat([v.reshape(K, -1) for v in vectors], 1)
+        torch.testing.assert_close(layer.dot(delta, vectors), Jl @ Vl.T, rtol=1e-9, atol=1e-10)
+        for (n, p), got in zip(layer.params, layer.weighted_grad_sum(delta, coeffs)):
+            torch.testing.assert_close(got, torch.einsum("bk,bp->kp", coeffs, ref[n].reshape(B, -1)).reshape(K, *p.shape),
+                                       rtol=1e-9, atol=1e-10)
+        for (n, _), got in zip(layer.params, layer.per_example_grads(delta)):
+            torch.testing.assert_close(got, ref[n], rtol=1e-9, atol=1e-10)
+
+
+def mse(target):
+    return lambda out: (out - target).square().reshape(out.shape[0], -1).sum(1)
+
+
+# ------------------------------------------------------------------ ConvTranspose
+from fastcurv.layers.conv_transpose import ConvTransposeLayer  # noqa: E402
+
+CONV_T = {
+    # name: (dims, C_in, C_out, spatial in, kwargs)
+    "1d_plain": (1, 3, 4, (7,), dict(kernel_size=3)),
+    "1d_stride_pad_outpad": (1, 2, 3, (5,), dict(kernel_size=4, stride=3, padding=2, output_padding=1)),
+    "1d_dilation_groups": (1, 4, 6, (6,), dict(kernel_size=3, dilation=2, groups=2, padding=1)),
+    "1d_outpad_from_dilation": (1, 2, 2, (5,), dict(kernel_size=2, stride=2, dilation=3, output_padding=2)),
+    "2d_plain_nobias": (2, 3, 2, (4, 5), dict(kernel_size=3, bias=False)),
+    "2d_stride2_unet_up": (2, 4, 2, (3, 4), dict(kernel_size=2, stride=2)),
+    "2d_all": (2, 4, 6, (4, 3), dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2),
+                                      dilation=(1, 2), groups=2)),
+    "2d_depthwise": (2, 3, 3, (4, 4), dict(kernel_size=3, stride=2, padding=1, groups=3)),
+    "3d": (3, 2, 4, (3, 2, 3), dict(kernel_size=(2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 1), output_padding=(1, 0, 0))),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_T), ids=list(CONV_T))
+def test_conv_transpose_matches_loop(case):
+    dims, c_in, c_out, spatial, kw = CONV_T[case]
+    torch.manual_seed(hash(case) % 1000)
+    conv_t = getattr(nn, f"ConvTranspose{dims}d")(c_in, c_out, **kw)
+    model = nn.Sequential(nn.Conv1d(c_in, c_in, 1) if dims == 1 else nn.Identity(), conv_t, nn.Tanh())
+    x = torch.randn(4, c_in, *spatial)
+    target = torch.randn_like(model(x))
+    check_against_loop(model, lambda m: m(x), mse(target))
+    check_layer_methods(model, lambda m: m(x), mse(target), ConvTransposeLayer)
+
+
+def test_conv_transpose_output_size_argument_and_frozen_weight():
+    """forward(x, output_size=...) picks output_padding per call; a frozen weight leaves the bias."""
+    torch.manual_seed(0)
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.up(x, output_size=[2 * x.shape[2], 2 * x.shape[3]])  # output_padding 1
+
+    x = torch.randn(3, 3, 4, 5)
+    model = Up()
+    target = torch.randn(3, 2, 8, 10)
+    check_against_loop(model, lambda m: m(x), mse(target))
+    check_layer_methods(model, lambda m: m(x), mse(target), ConvTransposeLayer)
+    model.up.weight.requires_grad_(False)
+    check_against_loop(model, lambda m: m(x), mse(target))
+    check_layer_methods(model, lambda m: m(x), mse(target), ConvTransposeLayer)
+
+
+def test_conv_transpose_called_twice_sums_the_calls():
+    torch.manual_seed(1)
+    up = nn.ConvTranspose1d(2, 2, 3, stride=2)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = up
+
+        def forward(self, x):
+            return self.up(torch.tanh(self.up(x)))
+
+    x = torch.randn(3, 2, 4)
+    model = Twice()
+    target = torch.randn_like(model(x))
+    check_against_loop(model, lambda m: m(x), mse(target))
+
+
+def test_conv_transpose_unbatched_input_refused():
+    model = nn.ConvTranspose2d(2, 2, 3)
+    with pytest.raises(ValueError, match=r"root module \(ConvTranspose2d\).*\(2, 4, 4\).*unsqueeze"):
+        with capture(model):
+            model(torch.randn(2, 4, 4))
+
+
+# ------------------------------------------------------------------ InstanceNorm
+from fastcurv.layers.instance_norm import InstanceNormLayer  # noqa: E402
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("track, train", [(False, True), (True, True), (True, False), (False, False)],
+                         ids=["no_stats_train", "stats_train", "stats_eval", "no_stats_eval"])
+def test_instance_norm_matches_loop(dims, track, train):
+    torch.manual_seed(dims)
+    C = 3
+    conv = getattr(nn, f"Conv{dims}d")(2, C, 1)
+    norm = getattr(nn, f"InstanceNorm{dims}d")(C, affine=True, track_running_stats=track)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+        if track:  # non-trivial running statistics
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(conv, norm, nn.Tanh()).train(train)
+    x = torch.randn(4, 2, *([3, 4, 2][:dims]))
+    target = torch.randn_like(model(x))
+    check_against_loop(model, lambda m: m(x), mse(target))
+    check_layer_methods(model, lambda m: m(x), mse(target), InstanceNormLayer)
+
+
+def test_instance_norm_without_affine_holds_no_params():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3), nn.Tanh())
+    x = torch.randn(3, 2, 5, 5)
+    target = torch.randn_like(model(x))
+    check_against_loop(model, lambda m: m(x), mse(target))
+    assert [layer.name for layer in capture(model).layers] == ["0"]
+
+
+def test_instance_norm_unbatched_input_refused():
+    model = nn.InstanceNorm1d(3, affine=True)
+    with pytest.raises(ValueError, match=r"InstanceNorm1d\).*\(3, 5\).*unsqueeze"):
+        with capture(model):
+            model(torch.randn(3, 5))
+
+
+# ------------------------------------------------------------------ a small U-Net
+class TinyUNet(nn.Module):
+    """Conv2d down, ConvTranspose2d up, InstanceNorm2d(affine), a skip connection by torch.cat."""
+
+    def __init__(self, c=3, w=4):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(c, w, 3, padding=1), nn.InstanceNorm2d(w, affine=True), nn.Tanh())
+        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * w, affine=True), nn.Tanh())
+        self.up = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(2 * w, w, 3, padding=1), nn.InstanceNorm2d(w, affine=True, track_running_stats=True),
+                                 nn.Tanh(), nn.Conv2d(w, 2, 1))
+
+    def forward(self, x):
+        skip = self.enc(x)
+        y = self.up(self.down(skip))
+        return self.dec(torch.cat([y, skip], dim=1))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_unet_end_to_end(train):
+    torch.manual_seed(7)
+    model = TinyUNet().train(train)
+    x = torch.randn(3, 3, 6, 6)
+    labels = torch.randint(0, 2, (3, 6, 6))
+    loss = lambda out: F.cross_entropy(out, labels, reduction="none").reshape(3, -1).mean(1)  # noqa: E731
+    check_against_loop(model, lambda m: m(x), loss)
+    check_layer_methods(model, lambda m: m(x), loss, ConvTransposeLayer)
