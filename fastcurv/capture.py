@@ -674,7 +674,7 @@ class _RecordHook:
     def __call__(self, module, args, kwargs, output):
         if replaying():
             return None
-        inp = args[0] if args else next(iter(kwargs.values()), None)
+        inp = self.layer.batch_witness(args, kwargs, output)
         shared = self.cap._on_record(self.layer, inp)
         replacement = self.layer.record(args, kwargs, output)
         if shared:

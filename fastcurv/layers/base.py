@@ -102,6 +102,12 @@ class CapturedLayer:
         self.records.append(Record(inp, output, args, kwargs, versions=_versions(inp, output)))
         return None
 
+    def batch_witness(self, args: tuple, kwargs: dict, output) -> Any:
+        """The tensor whose dim 0 is this call's batch, checked by the capture against the batch size:
+        the first input. A rule whose examples are not the rows of its first input overrides it
+        (EmbeddingBag with 1-D tokens and offsets: the examples are the bags, the output's rows)."""
+        return args[0] if args else next(iter(kwargs.values()), None)
+
     def check_input(self, inp) -> None:
         if not isinstance(inp, torch.Tensor) or inp.ndim < 1:
             shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__

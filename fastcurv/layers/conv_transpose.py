@@ -76,7 +76,7 @@ class ConvTransposeLayer(LinearMapLayer):
 
     def bias_grads(self, deltas) -> torch.Tensor:
         """``[B, C_out]``: the bias gradient, every call's delta summed over its output positions."""
-        return sum(d.reshape(d.shape[0], d.shape[1], -1).sum(2) for _, d in batched_pairs(self, deltas))
+        return sum(d.flatten(2).sum(2) for _, d in batched_pairs(self, deltas))
 
     def _per_example_grads(self, deltas):
         grads = super()._per_example_grads(deltas) if self.weight_trainable else []
