@@ -563,9 +563,10 @@ def _pair_cross(la, ka, da, lb, kb, db, gram: bool) -> torch.Tensor:
     from fastcurv.layers.embedding import EmbeddingLayer
     from fastcurv.layers.linear import LinearLayer
 
-    if isinstance(la, LinearLayer) and isinstance(lb, EmbeddingLayer):
+    # exact type: EmbeddingBagLayer subclasses EmbeddingLayer, but its rows come from bags
+    if isinstance(la, LinearLayer) and type(lb) is EmbeddingLayer:
         la, ka, da, lb, kb, db = lb, kb, db, la, ka, da
-    if isinstance(la, EmbeddingLayer) and isinstance(lb, LinearLayer) and lb.params[kb][0].endswith("weight"):
+    if type(la) is EmbeddingLayer and isinstance(lb, LinearLayer) and lb.params[kb][0].endswith("weight"):
         cross = _embedding_linear_cross(la, da, lb, db, gram)
         return cross + cross.T if gram else 2 * cross
     ga = rows(la.per_example_grads(da)[ka])

@@ -380,3 +380,46 @@ def test_float32_close_to_float64():
     s64 = cap.per_example_sqnorms(out.square().reshape(3, -1).sum(1))
     assert s32.dtype == torch.float32
     torch.testing.assert_close(s32.double(), s64, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ shared parameters across rules
+def test_tied_conv_autoencoder_conv_and_conv_transpose_share_the_weight():
+    """The decoder's ConvTranspose2d uses the encoder Conv2d's weight ([C_out, C_in, k] for both)."""
+    torch.manual_seed(11)
+
+    class TiedAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+            self.dec = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+            self.dec.weight = self.enc.weight
+
+        def forward(self, x):
+            return self.dec(torch.tanh(self.enc(x)))
+
+    model = TiedAE()
+    x = torch.randn(3, 2, 6, 6)
+    by_layer = check_against_loop(model, lambda m: m(x), mse(torch.randn(3, 2, 6, 6)))
+    assert "shared:enc.weight" in by_layer
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_embedding_bag_tied_with_output_projection(mode):
+    torch.manual_seed(12)
+
+    class TiedBag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(V, D, mode=mode, padding_idx=0)
+            self.out = nn.Linear(D, V, bias=False)
+            self.out.weight = self.bag.weight
+
+        def forward(self, tokens, offsets=None):
+            return self.out(torch.tanh(self.bag(tokens, offsets)))
+
+    tokens, offsets = bag_tokens_1d(False)
+    model = TiedBag()
+    y = torch.randint(0, V, (offsets.numel(),))
+    by_layer = check_against_loop(model, lambda m: m(tokens, offsets), lambda out: F.cross_entropy(out, y, reduction="none"),
+                                  penalty=False)
+    assert "shared:bag.weight" in by_layer

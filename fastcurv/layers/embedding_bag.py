@@ -101,7 +101,14 @@ class EmbeddingBagLayer(EmbeddingLayer):
             return BagEntries(bag, token, scale=counts[bag].to(m.weight.dtype).reciprocal())
         return BagEntries(bag, token)
 
-    def _indices(self):
+    def _tokens_and_deltas(self, deltas):
+        # the Embedding rule's one-delta-per-token layout does not hold for bags: fail loudly, never reshape
+        raise NotImplementedError(
+            "fastcurv.capture: EmbeddingBagLayer has no per-token deltas (one delta per bag); use sums() (internal error, "
+            "please report)"
+        )
+
+    def _bag_index(self):
         if self._index is None:  # tokens do not change: group once per forward
             V = self.module.num_embeddings
             keys = torch.cat([c.bag * V + c.token for c in self._calls])
@@ -111,7 +118,7 @@ class EmbeddingBagLayer(EmbeddingLayer):
 
     def sums(self, deltas):
         """``(S [U, D], bag [U], token [U])``: per (bag, token) gradient rows, all calls summed."""
-        inverses, example, token, U = self._indices()
+        inverses, example, token, U = self._bag_index()
         dtype = torch.promote_types(deltas[0].dtype, self.module.weight.dtype)
         sums = deltas[0].new_zeros(U, self.module.embedding_dim, dtype=dtype)
         for call, inverse, delta in zip(self._calls, inverses, deltas):
