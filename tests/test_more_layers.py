@@ -423,3 +423,18 @@ def test_embedding_bag_tied_with_output_projection(mode):
     by_layer = check_against_loop(model, lambda m: m(tokens, offsets), lambda out: F.cross_entropy(out, y, reduction="none"),
                                   penalty=False)
     assert "shared:bag.weight" in by_layer
+
+
+def test_embedding_bag_sparse_gradients_give_the_same_quantities():
+    """sparse=True only changes the weight's .grad layout; the loop oracle cannot flatten sparse grads,
+    so compare with the same bag in dense mode (checked against the loop above)."""
+    results = []
+    for sparse in (False, True):
+        torch.manual_seed(13)
+        model = BagModel(mode="mean", padding_idx=0, include_last_offset=True, sparse=sparse)
+        tokens, offsets = bag_tokens_1d(True)
+        with capture(model) as cap:
+            out = model(tokens, offsets)
+        losses = out.logsumexp(1)
+        results.append((cap.per_example_sqnorms(losses), cap.per_example_gram(losses)))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)

@@ -85,7 +85,7 @@ class EmbeddingBagLayer(EmbeddingLayer):
             position = torch.arange(flat.numel(), device=device)
             bag = torch.bucketize(position, offsets[1:n_bags], right=True)
             end = offsets[n_bags] if include_last else flat.numel()
-            in_a_bag = (position >= offsets[0]) & (position < end)
+            in_a_bag = position < end  # (offsets[0] == 0 is enforced by the forward)
         keep = in_a_bag if m.padding_idx is None else in_a_bag & (flat != m.padding_idx)
         counts = torch.zeros(n_bags, dtype=torch.long, device=device).index_add(0, bag[keep], torch.ones_like(bag[keep]))
         if m.mode == "max":
