@@ -438,3 +438,18 @@ def test_embedding_bag_sparse_gradients_give_the_same_quantities():
         losses = out.logsumexp(1)
         results.append((cap.per_example_sqnorms(losses), cap.per_example_gram(losses)))
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_bag_capture_reused_for_a_second_forward():
+    """Re-entering a Capture drops the first forward's bags with its records."""
+    torch.manual_seed(14)
+    model = BagModel(mode="max", padding_idx=0)
+    tokens, offsets = bag_tokens_1d(False)
+    cap = capture(model)
+    with cap:
+        model(bag_tokens_2d())
+    with cap:
+        out = model(tokens, offsets)
+    with capture(model) as fresh:
+        out_fresh = model(tokens, offsets)
+    torch.testing.assert_close(cap.per_example_gram(out.logsumexp(1)), fresh.per_example_gram(out_fresh.logsumexp(1)))

@@ -7,7 +7,13 @@ with ``w_t = 1`` (sum), ``per_sample_weights[t]`` (sum) or ``1 / (non-padding to
 only at the row of the token that won the max: ``g_b[v, d] = delta_b[d] [argmax_b[d] = v]``.
 Either way the gradient is a set of per-(bag, token) row vectors, so the Embedding rule's
 quantities (norms, Gram, dot, weighted sums from per-(example, token) sums) serve it unchanged;
-only :meth:`sums` differs. A token repeated in a bag adds up before squaring."""
+only :meth:`sums` differs. A token repeated in a bag adds up before squaring.
+
+Penalties (``create_graph=True``) through *trainable* ``per_sample_weights`` (a gate computed by
+layers before the bag) cannot be differentiated: those layers' deltas pass through embedding_bag's
+per_sample_weights backward, which PyTorch cannot differentiate (it raises). Norms and Gram
+matrices are exact there; for the penalty, write the bag as
+``(weights[..., None] * embedding(tokens)).sum(1)``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,9 +49,9 @@ class EmbeddingBagLayer(EmbeddingLayer):
         super().__init__(name, module, params)
         self._calls: list[BagEntries] = []
 
-    def _cache_clear(self):
-        super()._cache_clear()
-        self._calls = []
+    def clear(self):
+        super().clear()
+        self._calls = []  # one per record, made when the call was recorded
 
     @staticmethod
     def _call_args(args, kwargs) -> tuple:
