@@ -155,6 +155,7 @@ def test_cost_model_choices():
     # high resolution, few channels (a CNN's early layers): the kernel, no patch copy
     assert _chosen(nn.Conv2d(3, 32, 3, padding=1), (3, 32, 32), "sqnorm") == "kernel"
     assert _chosen(nn.Conv2d(32, 32, 3, padding=1), (32, 16, 16), "sqnorm") == "kernel"
+    assert _chosen(nn.Conv2d(32, 32, 3, padding=1, groups=32), (32, 32, 32), "sqnorm") == "kernel"  # depthwise
     # tiny maps, wide channels (a ResNet's last stage): the ghost form over unfolded patches
     assert _chosen(nn.Conv2d(256, 256, 3, padding=1), (256, 4, 4), "sqnorm") == "unfold"
     assert _chosen(nn.Conv2d(512, 512, 3, padding=1), (512, 2, 2), "gram", batch=8) == "unfold"
