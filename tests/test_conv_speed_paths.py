@@ -170,3 +170,11 @@ def test_unknown_path_is_refused(monkeypatch):
         out = model(x)
     with pytest.raises(ValueError, match=r"module 'conv' \(Conv2d\).*path must be one of"):
         cap.per_example_sqnorms(ce(out, y))
+
+
+def test_channels_last_input_matches_loop(path):
+    """A channels_last input is not viewable as [1, B*C, ...]: the kernel path reshapes (copies) it."""
+    model, x, y = make("2d_same_zeros_even_kernel")
+    x = x.contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    check_against_loop(model, lambda m: m(x), lambda out: ce(out, y))
