@@ -85,6 +85,11 @@ class CapturedLayer:
         return f"{type(self).__name__}({describe(self.name, self.module)}, params={[n for n, _ in self.params]})"
 
     # ------------------------------------------------------------------ recording
+    def batch_input(self, args: tuple, kwargs: dict):
+        """The input of a call whose dim 0 is the batch (the capture reads the batch size from it).
+        Rules whose module takes another layout (a sequence-first RNN) return a batch-first view."""
+        return args[0] if args else next(iter(kwargs.values()), None)
+
     def record(self, args: tuple, kwargs: dict, output) -> Optional[torch.Tensor]:
         """Called by the capture's forward hook. Returns a replacement output or None."""
         if args:
