@@ -231,3 +231,29 @@ def test_refusals_name_the_module_and_the_fix():
 def test_registered_for_the_three_modules():
     for module in (nn.RNN(2, 3), nn.LSTM(2, 3), nn.GRU(2, 3)):
         assert rule_for(module)[0] is RecurrentLayer
+
+
+def test_sequence_first_rnn_as_the_first_captured_module():
+    """No batch-first module before it: the capture must still read B (not T) from its input."""
+    B, T = 3, 7
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(2, 4, num_layers=2), nn.Linear(4, 3)
+
+        def forward(self, x):  # x [T, B, 2]
+            return self.head(self.rnn(x)[0].mean(0))
+
+    x, y = torch.randn(T, B, 2), torch.randint(0, 3, (B,))
+    check_against_loop(Tagger(), lambda m: m(x), ce(y))
+
+
+def test_parameter_used_outside_the_module_is_refused():
+    rnn, head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+    x = torch.randn(2, 5, 3)
+    model = nn.ModuleList([rnn, head])
+    with fastcurv.capture(model) as cap:
+        out = head(rnn(x)[0][:, -1]) + F.linear(x[:, 0], rnn.weight_ih_l0)[:, :2]
+    with pytest.raises(RuntimeError, match="weight_ih_l0.*outside its module"):
+        cap.per_example_sqnorms(out.sum(1))
