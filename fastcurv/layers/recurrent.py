@@ -11,14 +11,15 @@ gradient is ``sum_t delta_t^T a_t`` and the Linear machinery computes its norms 
 (one :class:`~fastcurv.layers.linear.LinearLayer` per site, T = sequence length):
 
 * ``ih``: ``gi = x W_ih^T + b_ih``, computed for all steps at once; its delta is ``dl/dgi``.
-* ``hh``: ``gh_t = h_{t-1} W_hh^T + b_hh``, one per step; a zero "probe" ``[B, T, gates*H]``
-  is added to the ``gh_t`` so that ``dl/dprobe`` is exactly ``dl/dgh`` at every step (for GRU's
-  n gate that already carries the factor ``r``, so ``b_hn`` comes out exact).
+* ``hh``: ``gh_t = h_{t-1} W_hh^T + b_hh``, one per step. RNN and LSTM add ``gi_t + gh_t``, so
+  its delta is ``dl/dgi`` again (input: the states ``h_{t-1}`` stacked by time). GRU's n gate
+  uses ``r * gh_n``: a zero "probe" ``[B, T, 3H]`` is added to the ``gh_t`` so that ``dl/dprobe``
+  is exactly ``dl/dgh`` (the factor ``r`` included, so ``b_hn`` comes out exact).
 * ``hr`` (LSTM with ``proj_size``): ``h_t = m_t W_hr^T`` with ``m_t = o * tanh(c_t)``, probed the same way.
 
 Records per call: first the call itself (input batch-first, output the returned output; its delta
 is not used, but its graph covers every use of the parameters, which the capture's bypass check
-walks), then one record per site.
+walks), then per layer and direction ``gi`` and the probes; each serves one or two sites.
 
 Dropout between layers (``dropout > 0`` in train mode): the captured forward draws its own masks,
 so its output differs from an uncaptured forward's; the per-example quantities are those of the
@@ -70,7 +71,7 @@ class RecurrentLayer(CapturedLayer):
                         continue
                     site_params = [(qualified[id(p)], p) for p in used]
                     self.sites[(kind, k, d)] = LinearLayer(site_params[0][0], _LinearSite(w, b), site_params)
-        self._slots: list = []  # per record: its site's key, or None for a call record
+        self._slots: list = []  # per record: the keys of the sites its delta serves (none for a call record)
 
     @staticmethod
     def _suffix(k: int, d: int) -> str:
@@ -111,17 +112,18 @@ class RecurrentLayer(CapturedLayer):
         x_bf = x if m.batch_first else x.transpose(0, 1)
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         h0, c0 = (hx if isinstance(hx, (tuple, list)) else (hx, None)) if hx is not None else (None, None)
-        out_bf, h_n, c_n, site_records = self._unrolled(x_bf, h0, c0)
+        out_bf, h_n, c_n, recorded = self._unrolled(x_bf, h0, c0)
         out = out_bf if m.batch_first else out_bf.transpose(0, 1).contiguous()
         # the call record first: the capture's bypass check walks records in order and stops at
         # nodes already seen, so the widest walk (all of this call's graph) must come first
         given = tuple(t for t in (x, h0, c0) if isinstance(t, torch.Tensor))
         self.records.append(Record(x_bf, out, args=given, versions=_versions(x_bf, out)))
-        self._slots.append(None)
-        for key, rec in site_records:
+        self._slots.append(())
+        for rec, site_records in recorded:
             self.records.append(rec)
-            self._slots.append(key)
-            self.sites[key].records.append(rec)
+            self._slots.append(tuple(key for key, _ in site_records))
+            for key, site_record in site_records:
+                self.sites[key].records.append(site_record)
         return (out, (h_n, c_n)) if m.mode == "LSTM" else (out, h_n)
 
     def _initial_state(self, given, size: int, B: int, like: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ class RecurrentLayer(CapturedLayer):
         return like.new_zeros(self.module.num_layers * self.directions, B, size)
 
     def _unrolled(self, x, h0, c0):
-        """``x [B, T, in]`` -> (output [B, T, D*H_out], h_n, c_n or None, [(site key, Record)])."""
+        """``x [B, T, in]`` -> (output [B, T, D*H_out], h_n, c_n or None, recorded), recorded as in :meth:`_direction`."""
         m = self.module
         B = x.shape[0]
         h_size = m.proj_size if getattr(m, "proj_size", 0) else m.hidden_size
@@ -168,23 +170,24 @@ class RecurrentLayer(CapturedLayer):
         w_hr = getattr(m, f"weight_hr{sfx}", None)
         B, T, _ = x.shape
         gi = F.linear(x, w_ih, b_ih)  # all steps at once: [B, T, gates * hidden]
-        probe_hh = self._probe("hh", k, d, (B, T, w_hh.shape[0]), x)
+        # RNN / LSTM: gh_t's delta is gi_t's; GRU needs its own (see the module docstring)
+        probe_hh = self._probe("hh", k, d, (B, T, w_hh.shape[0]), x) if m.mode == "GRU" else None
         probe_hr = self._probe("hr", k, d, (B, T, w_hr.shape[0]), x) if w_hr is not None else None
-        h_prev, m_steps, outs = [], [], [None] * T
-        for step, t in enumerate(range(T - 1, -1, -1) if d else range(T)):
-            h_prev.append(h)
+        h_before, m_steps, outs = [None] * T, [None] * T, [None] * T  # all indexed by time
+        for t in range(T - 1, -1, -1) if d else range(T):
+            h_before[t] = h
             gh = F.linear(h, w_hh, b_hh)
             if probe_hh is not None:
-                gh = gh + probe_hh[:, step]
+                gh = gh + probe_hh[:, t]
             if m.mode == "LSTM":
                 i, f, g, o = (gi[:, t] + gh).chunk(4, 1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)
                 if w_hr is not None:
-                    m_steps.append(h)
+                    m_steps[t] = h
                     h = F.linear(h, w_hr)
                     if probe_hr is not None:
-                        h = h + probe_hr[:, step]
+                        h = h + probe_hr[:, t]
             elif m.mode == "GRU":
                 i_r, i_z, i_n = gi[:, t].chunk(3, 1)
                 h_r, h_z, h_n = gh.chunk(3, 1)
@@ -196,24 +199,35 @@ class RecurrentLayer(CapturedLayer):
                 pre = gi[:, t] + gh
                 h = torch.tanh(pre) if m.mode == "RNN_TANH" else torch.relu(pre)
             outs[t] = h
-        out = torch.stack(outs, dim=1)
-        records = []
-        if ("ih", k, d) in self.sites:
-            records.append((("ih", k, d), Record(x, gi, versions=_versions(x, gi))))
-        if probe_hh is not None:
-            a = torch.stack(h_prev, dim=1)  # step order, aligned with the probe
-            records.append((("hh", k, d), Record(a, probe_hh, versions=_versions(a, probe_hh))))
+        # [(record for the capture, [(site key, that site's record)])]: a site record has the site's
+        # input and the output whose delta is the site's delta
+        ih, hh, hr = ("ih", k, d), ("hh", k, d), ("hr", k, d)
+        recorded, on_gi = [], []
+        gi_record = Record(x, gi, versions=_versions(x, gi))
+        if ih in self.sites:
+            on_gi.append((ih, gi_record))
+        if hh in self.sites:
+            a = torch.stack(h_before, dim=1)
+            output = probe_hh if probe_hh is not None else gi
+            site_record = Record(a, output, versions=_versions(a, output))
+            if probe_hh is not None:
+                recorded.append((site_record, [(hh, site_record)]))
+            else:
+                on_gi.append((hh, site_record))
+        if on_gi:
+            recorded.insert(0, (gi_record, on_gi))
         if probe_hr is not None:
             a = torch.stack(m_steps, dim=1)
-            records.append((("hr", k, d), Record(a, probe_hr, versions=_versions(a, probe_hr))))
-        return out, h, c, records
+            site_record = Record(a, probe_hr, versions=_versions(a, probe_hr))
+            recorded.append((site_record, [(hr, site_record)]))
+        return torch.stack(outs, dim=1), h, c, recorded
 
     # ------------------------------------------------------------------ quantities: sums over the sites
     def _per_site(self, deltas):
         """[(site, its deltas)] for the sites recorded so far, deltas in record order."""
         grouped: dict[tuple, list] = {}
-        for key, delta in zip(self._slots, deltas):
-            if key is not None:
+        for keys, delta in zip(self._slots, deltas):
+            for key in keys:
                 grouped.setdefault(key, []).append(delta)
         return [(self.sites[key], ds) for key, ds in grouped.items()]
 
