@@ -215,6 +215,20 @@ def test_dropout_between_layers_uses_the_captured_forwards_own_masks():
     G = loop_grads(losses, [p for _, p in trainable(model)])
     torch.testing.assert_close(cap.per_example_sqnorms(losses), G.square().sum(1), atol=1e-9, rtol=1e-7)
     torch.testing.assert_close(cap.per_example_gram(losses), G @ G.T, atol=1e-9, rtol=1e-7)
+    model.eval()  # no dropout in eval mode: the captured forward is the module's again
+    check_against_loop(model, lambda m: m(tokens), ce(y))
+    assert_same_outputs(model.rnn, torch.randn(B, T, 3))
+
+
+def test_input_and_state_passed_by_keyword():
+    rnn = nn.LSTM(3, 4, num_layers=2)
+    x, h0, c0 = torch.randn(5, 2, 3), torch.randn(2, 2, 4), torch.randn(2, 2, 4)
+    want = rnn(input=x, hx=(h0, c0))
+    with fastcurv.capture(rnn) as cap:
+        got = rnn(input=x, hx=(h0, c0))
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got[1][1], want[1][1], atol=1e-12, rtol=1e-10)
+    assert cap.batch_size == 2
 
 
 def test_refusals_name_the_module_and_the_fix():
