@@ -10,7 +10,7 @@ Adding a layer type: a new file here with a registered rule, imported below.
 """
 from fastcurv.layers.registry import register, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, Record, describe
-from fastcurv.layers import linear, conv, embedding, norm  # noqa: F401  (registers the fast rules)
+from fastcurv.layers import linear, conv, embedding, norm, recurrent  # noqa: F401  (registers the fast rules)
 from fastcurv.layers import conv_transpose, instance_norm, embedding_bag  # noqa: F401
 from fastcurv.layers.generic import GenericLayer
 

@@ -105,7 +105,8 @@ class CapturedLayer:
     def batch_witness(self, args: tuple, kwargs: dict, output) -> Any:
         """The tensor whose dim 0 is this call's batch, checked by the capture against the batch size:
         the first input. A rule whose examples are not the rows of its first input overrides it
-        (EmbeddingBag with 1-D tokens and offsets: the examples are the bags, the output's rows)."""
+        (EmbeddingBag with 1-D tokens and offsets: the examples are the bags, the output's rows; a
+        sequence-first RNN: a batch-first view of its input)."""
         return args[0] if args else next(iter(kwargs.values()), None)
 
     def check_input(self, inp) -> None:
