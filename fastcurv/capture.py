@@ -618,8 +618,7 @@ class _RecordHook:
     def __call__(self, module, args, kwargs, output):
         if replaying():
             return None
-        inp = args[0] if args else next(iter(kwargs.values()), None)
-        shared = self.cap._on_record(self.layer, inp)
+        shared = self.cap._on_record(self.layer, self.layer.batch_input(args, kwargs))
         replacement = self.layer.record(args, kwargs, output)
         if shared:
             self.layer.records[-1].shared = True

@@ -10,6 +10,7 @@ Adding a layer type: a new file here with a registered rule, imported below.
 from fastcurv.layers.registry import register, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, Record, describe
 from fastcurv.layers import linear, conv, embedding, norm  # noqa: F401  (registers the fast rules)
+from fastcurv.layers import attention  # noqa: F401  (nn.MultiheadAttention)
 from fastcurv.layers.generic import GenericLayer
 
 __all__ = ["register", "rule_for", "registered_types", "CapturedLayer", "Record", "GenericLayer", "describe"]

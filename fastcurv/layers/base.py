@@ -85,6 +85,11 @@ class CapturedLayer:
         return f"{type(self).__name__}({describe(self.name, self.module)}, params={[n for n, _ in self.params]})"
 
     # ------------------------------------------------------------------ recording
+    def batch_input(self, args: tuple, kwargs: dict):
+        """The argument whose dim 0 the capture reads as the batch (its first input; a rule whose
+        module takes another layout, e.g. sequence-first attention, says so here)."""
+        return args[0] if args else next(iter(kwargs.values()), None)
+
     def record(self, args: tuple, kwargs: dict, output) -> Optional[torch.Tensor]:
         """Called by the capture's forward hook. Returns a replacement output or None."""
         if args:
