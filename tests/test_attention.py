@@ -149,3 +149,219 @@ def test_unbatched_attention_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"the root module \(MultiheadAttention\) got query \(5, 4\).*add a batch"):
         with capture(mha):
             mha(torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4))
+
+
+# ------------------------------------------------------------------ transformer containers
+class Encoder(nn.Module):
+    def __init__(self, batch_first=True, norm_first=False, E=8, layers=2):
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(3, E)
+        layer = nn.TransformerEncoderLayer(E, 2, dim_feedforward=12, dropout=0.0, batch_first=batch_first,
+                                           norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, x, **call):
+        h = self.inp(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.encoder(h, **call)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("masks", [False, True], ids=["no_mask", "causal_and_padding"])
+def test_transformer_encoder_matches_the_loop(norm_first, masks):
+    torch.manual_seed(4)
+    model = Encoder(norm_first=norm_first)
+    B, T = 3, 5
+    x, y = torch.randn(B, T, 3), torch.randint(0, 3, (B,))
+    call = {}
+    if masks:
+        pad = torch.zeros(B, T, dtype=torch.bool)
+        pad[1, -2:] = True
+        call = dict(mask=torch.ones(T, T, dtype=torch.bool).triu(1), is_causal=True, src_key_padding_mask=pad)
+    check_against_loop(model, on_math_sdpa(lambda m: m(x, **call)),
+                       lambda out: F.cross_entropy(out, y, reduction="none"))
+    cap = capture(model)
+    assert not cap.generic
+
+
+def test_transformer_encoder_in_eval_mode_takes_no_fast_path_while_captured():
+    """The encoder layer's fused fast path (torch._transformer_encoder_layer_fwd) skips its submodules;
+    it is off whenever grad is enabled and a parameter requires grad, which a capture needs anyway."""
+    torch.manual_seed(5)
+    model = Encoder().eval()
+    x, y = torch.randn(3, 5, 3), torch.randint(0, 3, (3,))
+    check_against_loop(model, on_math_sdpa(lambda m: m(x)), lambda out: F.cross_entropy(out, y, reduction="none"))
+
+
+def test_transformer_decoder_layer_matches_the_loop():
+    torch.manual_seed(6)
+
+    class Decoder(nn.Module):
+        def __init__(self, E=8):
+            super().__init__()
+            self.src, self.tgt = nn.Linear(3, E), nn.Linear(3, E)
+            self.decoder = nn.TransformerDecoderLayer(E, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(E, 2)
+
+        def forward(self, src, tgt):
+            T = tgt.shape[1]
+            h = self.decoder(self.tgt(tgt), self.src(src), tgt_mask=nn.Transformer.generate_square_subsequent_mask(T),
+                             tgt_is_causal=True)
+            return self.head(h).sum(1)
+
+    src, tgt, y = torch.randn(3, 6, 3), torch.randn(3, 4, 3), torch.randint(0, 2, (3,))
+    check_against_loop(Decoder(), on_math_sdpa(lambda m: m(src, tgt)), lambda out: F.cross_entropy(out, y, reduction="none"))
+
+
+# ------------------------------------------------------------------ ViT-tiny
+class ViTTiny(nn.Module):
+    """Patch embedding, a class token and position embedding held by the root module, pre-norm encoder."""
+
+    def __init__(self, D=8, patch=4, image=8, classes=3):
+        super().__init__()
+        n = (image // patch) ** 2
+        self.patch = nn.Conv2d(3, D, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, D) * 0.1)
+        layer = nn.TransformerEncoderLayer(D, 2, dim_feedforward=2 * D, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, classes)
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+def test_vit_tiny_matches_the_loop():
+    torch.manual_seed(7)
+    model = ViTTiny()
+    img, y = torch.randn(3, 3, 8, 8), torch.randint(0, 3, (3,))
+    check_against_loop(model, on_math_sdpa(lambda m: m(img)), lambda out: F.cross_entropy(out, y, reduction="none"))
+    assert list(capture(model).generic) == [""]  # only the root's own cls_token / pos_embed
+
+
+# ------------------------------------------------------------------ nanoGPT (karpathy/nanoGPT model.py, small)
+class LayerNorm(nn.Module):
+    """nanoGPT's LayerNorm with an optional bias."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, input):
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head, bias):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.n_head, self.n_embd = n_head, n_embd
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head, bias):
+        super().__init__()
+        self.ln_1 = LayerNorm(n_embd, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, bias)
+        self.ln_2 = LayerNorm(n_embd, bias)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=bias), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd, bias=bias))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=13, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            h=nn.ModuleList([Block(n_embd, n_head, bias) for _ in range(n_layer)]),
+            ln_f=LayerNorm(n_embd, bias),
+        ))
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+
+    def forward(self, idx):
+        t = idx.size(1)
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+def token_ce(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape).sum(1)
+
+
+@pytest.mark.parametrize("B, T", [(3, 5), (4, 4)], ids=["T!=B", "T==B"])
+def test_nanogpt_matches_the_loop(B, T):
+    torch.manual_seed(8 + T)
+    model = GPT()
+    idx, targets = torch.randint(0, 13, (B, T)), torch.randint(0, 13, (B, T))
+    by_layer = check_against_loop(model, on_math_sdpa(lambda m: m(idx)), lambda out: token_ce(out, targets))
+    assert any(k.startswith("shared:") for k in by_layer)  # tied wte / lm_head
+
+
+def _loop_penalty_grads(model, forward, loss_fn):
+    params = [p for _, p in trainable(model)]
+    with sdpa_kernel(SDPBackend.MATH):
+        losses = loss_fn(forward(model))
+    penalty = loop_grads(losses, params, create_graph=True).square().sum(1).mean()
+    return torch.autograd.grad(penalty, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("B, T", [(3, 5), (4, 4)], ids=["T!=B", "T==B"])
+def test_curvature_penalty_through_sdpa_matches_the_loop(B, T):
+    """Curvature.track() runs SDPA on its math backend: the penalty's double backward exists and is exact."""
+    torch.manual_seed(10 + T)
+    model = GPT()
+    idx, targets = torch.randint(0, 13, (B, T)), torch.randint(0, 13, (B, T))
+    reg = Curvature(model, alpha=0.5)
+    with reg.track():
+        logits = model(idx)
+    penalty = reg(token_ce(logits, targets))
+    params = [p for _, p in trainable(model)]
+    got = torch.autograd.grad(penalty, params, allow_unused=True)
+    want = _loop_penalty_grads(model, lambda m: m(idx), lambda out: token_ce(out, targets))
+    for (name, _), g, w in zip(trainable(model), got, want):
+        torch.testing.assert_close(g, 0.5 * w, atol=1e-8, rtol=1e-6, msg=f"penalty gradient of {name}")
+
+
+def test_fused_sdpa_has_no_double_backward_outside_track():
+    """Why track() switches the backend: a capture around the default (fused CPU) SDPA cannot give the
+    penalty's gradient. If a future torch adds the derivative this test fails and the switch can go."""
+    model = GPT()
+    idx = torch.randint(0, 13, (2, 5))
+    with capture(model) as cap:
+        losses = token_ce(model(idx), torch.randint(0, 13, (2, 5)))
+    if not cap.per_example_sqnorms(losses).isfinite().all():
+        pytest.fail("sqnorms not finite")
+    sq = cap.per_example_sqnorms(losses, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(sq.sum(), [p for _, p in trainable(model)], allow_unused=True)
