@@ -84,9 +84,18 @@ def test_multihead_attention_matches_the_loop(config):
     kk, vv = _kv(B, S, kw)
     y = torch.randint(0, 2, (B,))
     check_against_loop(model, lambda m: m(x, kk, vv), lambda out: F.cross_entropy(out, y, reduction="none"))
-    cap = capture(model)
-    assert isinstance(next(l for l in cap.layers if l.name == "attn"), MultiheadAttentionLayer)
-    assert not cap.generic
+    # the materialized per-example gradients too (shared-parameter cross terms and dot products use them)
+    with capture(model) as cap:
+        losses = F.cross_entropy(model(x, kk, vv), y, reduction="none")
+    layer = next(l for l in cap.layers if l.name == "attn")
+    assert isinstance(layer, MultiheadAttentionLayer) and not cap.generic
+    params = [p for _, p in trainable(model)]
+    want = loop_grads(losses, params)
+    got = torch.cat([g.reshape(B, -1) for g in cap.per_example_grads(losses).values()], 1)
+    torch.testing.assert_close(got, want)
+    vectors = [torch.randn(2, *p.shape) for _, p in layer.params]
+    own = torch.cat([g.reshape(B, -1) for g in layer.per_example_grads(cap.deltas(losses)[1])], 1)
+    torch.testing.assert_close(layer.dot(cap.deltas(losses)[1], vectors), own @ torch.cat([v.reshape(2, -1) for v in vectors], 1).T)
 
 
 @pytest.mark.parametrize("masks", ["key_padding_bool", "attn_bool", "attn_float_3d", "both", "weights_per_head"])
@@ -365,3 +374,17 @@ def test_fused_sdpa_has_no_double_backward_outside_track():
     sq = cap.per_example_sqnorms(losses, create_graph=True)
     with pytest.raises(RuntimeError, match="not implemented"):
         torch.autograd.grad(sq.sum(), [p for _, p in trainable(model)], allow_unused=True)
+
+
+@pytest.mark.parametrize("T", [5, 3], ids=["T!=B", "T==B"])
+def test_sequence_first_transformer_layers_are_refused_with_the_fix(T):
+    """batch_first=False layers would read [T, B, E] LayerNorm inputs as batch-first: wrong when T == B."""
+    model = Encoder(batch_first=False)
+    with pytest.raises(ValueError, match=r"'encoder.layers.0' \(TransformerEncoderLayer\) has batch_first=False.*"
+                                         r"batch_first=True and transpose"):
+        with capture(model):
+            model(torch.randn(3, T, 3))
+    decoder = nn.TransformerDecoderLayer(8, 2, batch_first=False)
+    with pytest.raises(ValueError, match=r"TransformerDecoderLayer\) has batch_first=False"):
+        capture(decoder)
+    capture(model, ignore=["encoder"])  # the documented way around it

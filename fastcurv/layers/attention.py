@@ -228,3 +228,27 @@ class MultiheadAttentionLayer(CapturedLayer):
         by_role = self._split(deltas)
         total = sum(s._gram(by_role[r]) for r, s in self.sites.items())
         return total + sum(g @ g.T for g in self._kv_bias_rows(by_role))
+
+
+@register(nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+class SequenceFirstTransformerRefusal(CapturedLayer):
+    """Transformer layers with ``batch_first=True`` need no rule of their own: their MultiheadAttention,
+    Linear and LayerNorm submodules are captured one by one (the layer's fused fast path is off whenever
+    grad is enabled and a parameter requires grad, as in any capture). With ``batch_first=False`` those
+    submodules see ``[T, B, E]``, whose dim 0 is not the batch: refused, because with T == B the
+    LayerNorms would be read as batch-first and give wrong numbers without any error."""
+
+    claims_subtree = True  # only ever constructed to refuse (see not_supported_reason)
+
+    @staticmethod
+    def not_supported_reason(module) -> str:
+        # batch_first=True: "no rule" here, so the capture serves the submodules themselves
+        return "batch_first=True: served by its submodules' rules" if module.self_attn.batch_first else ""
+
+    def __init__(self, name, module, params):
+        raise ValueError(
+            f"fastcurv.capture: {describe(name, module)} has batch_first=False: its LayerNorm and Linear submodules "
+            "get [T, B, E] inputs whose dim 0 is not the batch, so their per-example gradients cannot be read off "
+            "(and with T == B they would be silently wrong). Build it with batch_first=True and transpose the input "
+            f"once (x.transpose(0, 1)), or pass ignore=['{name}'] / freeze it."
+        )
