@@ -376,15 +376,33 @@ def test_fused_sdpa_has_no_double_backward_outside_track():
         torch.autograd.grad(sq.sum(), [p for _, p in trainable(model)], allow_unused=True)
 
 
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("T", [5, 3], ids=["T!=B", "T==B"])
-def test_sequence_first_transformer_layers_are_refused_with_the_fix(T):
-    """batch_first=False layers would read [T, B, E] LayerNorm inputs as batch-first: wrong when T == B."""
-    model = Encoder(batch_first=False)
-    with pytest.raises(ValueError, match=r"'encoder.layers.0' \(TransformerEncoderLayer\) has batch_first=False.*"
-                                         r"batch_first=True and transpose"):
-        with capture(model):
-            model(torch.randn(3, T, 3))
-    decoder = nn.TransformerDecoderLayer(8, 2, batch_first=False)
-    with pytest.raises(ValueError, match=r"TransformerDecoderLayer\) has batch_first=False"):
-        capture(decoder)
-    capture(model, ignore=["encoder"])  # the documented way around it
+def test_sequence_first_transformer_encoder_matches_the_loop(T, norm_first):
+    """batch_first=False: the layer is re-run batch-first while captured (T == B included, where reading
+    its [T, B, E] LayerNorm inputs as batch-first would be silently wrong)."""
+    torch.manual_seed(T)
+    model = Encoder(batch_first=False, norm_first=norm_first)
+    B = 3
+    x, y = torch.randn(B, T, 3), torch.randint(0, 3, (B,))
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, -1] = True
+    call = dict(mask=torch.ones(T, T, dtype=torch.bool).triu(1), src_key_padding_mask=pad)
+    check_against_loop(model, on_math_sdpa(lambda m: m(x, **call)), lambda out: F.cross_entropy(out, y, reduction="none"))
+    with capture(model):
+        got = model(x, **call)
+    torch.testing.assert_close(got, model(x, **call))
+    assert all(not m.batch_first for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+
+
+def test_sequence_first_transformer_decoder_layer_matches_the_loop():
+    torch.manual_seed(9)
+    layer = nn.TransformerDecoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=False)
+    head = nn.Linear(8, 2)
+    model = nn.ModuleDict(dict(layer=layer, head=head))
+    tgt, mem, y = torch.randn(4, 3, 8), torch.randn(6, 3, 8), torch.randint(0, 2, (3,))
+
+    def forward(m):
+        return m["head"](m["layer"](tgt, mem, tgt_mask=torch.ones(4, 4, dtype=torch.bool).triu(1)).sum(0))
+
+    check_against_loop(model, on_math_sdpa(forward), lambda out: F.cross_entropy(out, y, reduction="none"))

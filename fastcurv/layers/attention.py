@@ -24,7 +24,7 @@ from torch import nn
 
 from fastcurv.layers.base import CapturedLayer, Record, _versions, describe
 from fastcurv.layers.linear import LinearLayer
-from fastcurv.layers.registry import register
+from fastcurv.layers.registry import register, rule_for
 
 __all__ = ["MultiheadAttentionLayer", "attention_forward"]
 
@@ -231,14 +231,18 @@ class MultiheadAttentionLayer(CapturedLayer):
 
 
 @register(nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-class SequenceFirstTransformerRefusal(CapturedLayer):
+class SequenceFirstTransformerLayer(CapturedLayer):
     """Transformer layers with ``batch_first=True`` need no rule of their own: their MultiheadAttention,
     Linear and LayerNorm submodules are captured one by one (the layer's fused fast path is off whenever
-    grad is enabled and a parameter requires grad, as in any capture). With ``batch_first=False`` those
-    submodules see ``[T, B, E]``, whose dim 0 is not the batch: refused, because with T == B the
-    LayerNorms would be read as batch-first and give wrong numbers without any error."""
+    grad is enabled and a parameter requires grad, as in any capture).
 
-    claims_subtree = True  # only ever constructed to refuse (see not_supported_reason)
+    With ``batch_first=False`` those submodules would see ``[T, B, E]``, whose dim 0 is not the batch
+    (with T == B a LayerNorm would be read batch-first and give wrong numbers without any error). So this
+    rule claims the layer: while captured, the layer is re-run on the batch-first transpose of its
+    inputs (its attention switched to batch_first=True), each submodule recorded by its own rule, and
+    the output transposed back. Cost: the stock forward runs too (its result is replaced)."""
+
+    claims_subtree = True
 
     @staticmethod
     def not_supported_reason(module) -> str:
@@ -246,9 +250,88 @@ class SequenceFirstTransformerRefusal(CapturedLayer):
         return "batch_first=True: served by its submodules' rules" if module.self_attn.batch_first else ""
 
     def __init__(self, name, module, params):
-        raise ValueError(
-            f"fastcurv.capture: {describe(name, module)} has batch_first=False: its LayerNorm and Linear submodules "
-            "get [T, B, E] inputs whose dim 0 is not the batch, so their per-example gradients cannot be read off "
-            "(and with T == B they would be silently wrong). Build it with batch_first=True and transpose the input "
-            f"once (x.transpose(0, 1)), or pass ignore=['{name}'] / freeze it."
-        )
+        super().__init__(name, module, params)
+        trainable = {id(p) for _, p in params}
+        self.parts: list[tuple[nn.Module, CapturedLayer]] = []
+        for child_name, child in module.named_children():
+            qualified = f"{name}.{child_name}" if name else child_name
+            child_params = [(f"{qualified}.{pn}", p) for pn, p in child.named_parameters() if id(p) in trainable]
+            if not child_params:
+                continue
+            rule, why = rule_for(child)
+            if rule is None:
+                raise ValueError(
+                    f"fastcurv.capture: {describe(qualified, child)} inside batch_first=False "
+                    f"{type(module).__name__} '{name}' has no fast rule ({why}); build the layer with "
+                    "batch_first=True (transpose the input once) so the generic rule can serve it, or freeze it."
+                )
+            self.parts.append((child, rule(qualified, child, child_params)))
+        self._owner: list[int] = []  # index in self.parts of each record's rule
+        self._signature = inspect.signature(type(module).forward)
+
+    def batch_input(self, args, kwargs):
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        return first.transpose(0, 1) if isinstance(first, torch.Tensor) and first.ndim == 3 else first
+
+    def clear(self) -> None:
+        super().clear()
+        self._owner = []
+        for _, rule in self.parts:
+            rule.clear()
+
+    def record(self, args, kwargs, output):
+        bound = self._signature.bind(self.module, *args, **kwargs)
+        call = dict(bound.arguments)
+        call.pop("self")
+        for key in ("src", "tgt", "memory"):
+            if key in call:
+                if call[key].ndim != 3:
+                    raise ValueError(
+                        f"fastcurv.capture: {describe(self.name, self.module)} got {key} {tuple(call[key].shape)}; "
+                        "expected a batched [T, B, E] input (batch_first=False)"
+                    )
+                call[key] = call[key].transpose(0, 1)
+        attentions = [m for m in self.module.children() if isinstance(m, nn.MultiheadAttention)]
+        handles = []
+        try:
+            for m in attentions:
+                m.batch_first = True
+            for k, (child, _) in enumerate(self.parts):
+                handles.append(child.register_forward_hook(self._part_hook(k), with_kwargs=True))
+            out = type(self.module).forward(self.module, **call)
+        finally:
+            for h in handles:
+                h.remove()
+            for m in attentions:
+                m.batch_first = False
+        return out.transpose(0, 1)
+
+    def _part_hook(self, k):
+        rule = self.parts[k][1]
+
+        def hook(module, args, kwargs, output):
+            before = len(rule.records)
+            replacement = rule.record(args, kwargs, output)
+            self.records.extend(rule.records[before:])
+            self._owner.extend([k] * (len(rule.records) - before))
+            return replacement
+
+        return hook
+
+    def _by_part(self, deltas) -> list[list[torch.Tensor]]:
+        split: list[list] = [[] for _ in self.parts]
+        for k, d in zip(self._owner, deltas):
+            split[k].append(d)
+        return split
+
+    def _per_example_grads(self, deltas):
+        grads = {}
+        for (_, rule), ds in zip(self.parts, self._by_part(deltas)):
+            grads.update({id(p): g for (_, p), g in zip(rule.params, rule._per_example_grads(ds))})
+        return [grads[id(p)] for _, p in self.params]
+
+    def _sqnorm(self, deltas):
+        return sum(rule._sqnorm(ds) for (_, rule), ds in zip(self.parts, self._by_part(deltas)))
+
+    def _gram(self, deltas):
+        return sum(rule._gram(ds) for (_, rule), ds in zip(self.parts, self._by_part(deltas)))
