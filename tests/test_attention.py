@@ -406,3 +406,25 @@ def test_sequence_first_transformer_decoder_layer_matches_the_loop():
         return m["head"](m["layer"](tgt, mem, tgt_mask=torch.ones(4, 4, dtype=torch.bool).triu(1)).sum(0))
 
     check_against_loop(model, on_math_sdpa(forward), lambda out: F.cross_entropy(out, y, reduction="none"))
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_full_transformer_with_final_norms_matches_the_loop(batch_first):
+    """nn.Transformer: encoder and decoder stacks with their final LayerNorms; source length == B."""
+    torch.manual_seed(11)
+    model = nn.ModuleDict(dict(
+        net=nn.Transformer(8, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=12, dropout=0.0,
+                           batch_first=batch_first),
+        head=nn.Linear(8, 2),
+    ))
+    B = 3
+    src, tgt, y = torch.randn(B, 3, 8), torch.randn(B, 4, 8), torch.randint(0, 2, (B,))
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+
+    def forward(m):
+        out = m["net"](src, tgt, tgt_mask=torch.ones(4, 4, dtype=torch.bool).triu(1))
+        return m["head"](out.sum(1 if batch_first else 0))
+
+    check_against_loop(model, on_math_sdpa(forward), lambda out: F.cross_entropy(out, y, reduction="none"))
+    assert not capture(model).generic

@@ -230,42 +230,63 @@ class MultiheadAttentionLayer(CapturedLayer):
         return total + sum(g @ g.T for g in self._kv_bias_rows(by_role))
 
 
-@register(nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-class SequenceFirstTransformerLayer(CapturedLayer):
-    """Transformer layers with ``batch_first=True`` need no rule of their own: their MultiheadAttention,
+_SEQUENCE_FIRST_CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                              nn.TransformerDecoder, nn.Transformer)
+
+
+def _attentions(module: nn.Module) -> list[nn.MultiheadAttention]:
+    return [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+@register(*_SEQUENCE_FIRST_CONTAINERS)
+class SequenceFirstTransformer(CapturedLayer):
+    """Transformer modules with ``batch_first=True`` need no rule of their own: their MultiheadAttention,
     Linear and LayerNorm submodules are captured one by one (the layer's fused fast path is off whenever
     grad is enabled and a parameter requires grad, as in any capture).
 
     With ``batch_first=False`` those submodules would see ``[T, B, E]``, whose dim 0 is not the batch
     (with T == B a LayerNorm would be read batch-first and give wrong numbers without any error). So this
-    rule claims the layer: while captured, the layer is re-run on the batch-first transpose of its
-    inputs (its attention switched to batch_first=True), each submodule recorded by its own rule, and
-    the output transposed back. Cost: the stock forward runs too (its result is replaced)."""
+    rule claims the outermost such module (a layer, an nn.TransformerEncoder/Decoder with its final norm,
+    or an nn.Transformer): while captured, it is re-run on the batch-first transpose of its inputs (every
+    attention inside switched to batch_first=True), each submodule recorded by its own rule, and the
+    output transposed back. Cost: the stock forward runs too (its result is replaced)."""
 
     claims_subtree = True
 
     @staticmethod
     def not_supported_reason(module) -> str:
-        # batch_first=True: "no rule" here, so the capture serves the submodules themselves
-        return "batch_first=True: served by its submodules' rules" if module.self_attn.batch_first else ""
+        attentions = _attentions(module)
+        if not attentions or attentions[0].batch_first:
+            # "no rule" here, so the capture serves the submodules themselves
+            return "batch_first=True: served by its submodules' rules"
+        return ""
 
     def __init__(self, name, module, params):
         super().__init__(name, module, params)
         trainable = {id(p) for _, p in params}
         self.parts: list[tuple[nn.Module, CapturedLayer]] = []
-        for child_name, child in module.named_children():
-            qualified = f"{name}.{child_name}" if name else child_name
-            child_params = [(f"{qualified}.{pn}", p) for pn, p in child.named_parameters() if id(p) in trainable]
-            if not child_params:
+        claimed: list[str] = []
+        for sub_name, sub in module.named_modules():
+            if not sub_name or any(sub_name.startswith(c + ".") for c in claimed):
                 continue
-            rule, why = rule_for(child)
+            if isinstance(sub, _SEQUENCE_FIRST_CONTAINERS):
+                continue  # re-run batch-first with the rest: its submodules are the parts
+            qualified = f"{name}.{sub_name}" if name else sub_name
+            rule, why = rule_for(sub)
+            recurse = bool(rule is not None and getattr(rule, "claims_subtree", False))
+            sub_params = [(f"{qualified}.{pn}", p) for pn, p in sub.named_parameters(recurse=recurse)
+                          if id(p) in trainable]
+            if recurse:
+                claimed.append(sub_name)
+            if not sub_params:
+                continue
             if rule is None:
                 raise ValueError(
-                    f"fastcurv.capture: {describe(qualified, child)} inside batch_first=False "
-                    f"{type(module).__name__} '{name}' has no fast rule ({why}); build the layer with "
+                    f"fastcurv.capture: {describe(qualified, sub)} inside batch_first=False "
+                    f"{type(module).__name__} '{name}' has no fast rule ({why}); build the model with "
                     "batch_first=True (transpose the input once) so the generic rule can serve it, or freeze it."
                 )
-            self.parts.append((child, rule(qualified, child, child_params)))
+            self.parts.append((sub, rule(qualified, sub, sub_params)))
         self._owner: list[int] = []  # index in self.parts of each record's rule
         self._signature = inspect.signature(type(module).forward)
 
@@ -291,10 +312,11 @@ class SequenceFirstTransformerLayer(CapturedLayer):
                         "expected a batched [T, B, E] input (batch_first=False)"
                     )
                 call[key] = call[key].transpose(0, 1)
-        attentions = [m for m in self.module.children() if isinstance(m, nn.MultiheadAttention)]
+        attentions = _attentions(self.module)
+        flags = [m for m in [self.module] if isinstance(m, nn.Transformer)]  # nn.Transformer checks its own flag
         handles = []
         try:
-            for m in attentions:
+            for m in attentions + flags:
                 m.batch_first = True
             for k, (child, _) in enumerate(self.parts):
                 handles.append(child.register_forward_hook(self._part_hook(k), with_kwargs=True))
@@ -302,7 +324,7 @@ class SequenceFirstTransformerLayer(CapturedLayer):
         finally:
             for h in handles:
                 h.remove()
-            for m in attentions:
+            for m in attentions + flags:
                 m.batch_first = False
         return out.transpose(0, 1)
 
