@@ -428,3 +428,24 @@ def test_full_transformer_with_final_norms_matches_the_loop(batch_first):
 
     check_against_loop(model, on_math_sdpa(forward), lambda out: F.cross_entropy(out, y, reduction="none"))
     assert not capture(model).generic
+
+
+def test_attention_module_called_twice_sums_both_uses():
+    """One MultiheadAttention applied twice (self-attention, then attention to a memory): its four sites
+    and bias_k / bias_v concatenate both calls, so the norm is of the summed gradient."""
+    torch.manual_seed(12)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 4)
+            self.attn = nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x, mem):
+            h = torch.tanh(self.inp(x))
+            h = h + self.attn(h, h, h, need_weights=False)[0]
+            return self.head(self.attn(h, mem, mem)[0].mean(1))
+
+    x, mem, y = torch.randn(3, 4, 3), torch.randn(3, 6, 4), torch.randint(0, 2, (3,))
+    check_against_loop(Twice(), on_math_sdpa(lambda m: m(x, mem)), lambda out: F.cross_entropy(out, y, reduction="none"))
