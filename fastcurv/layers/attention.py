@@ -11,7 +11,11 @@ the parameters, so the module's squared norm / Gram is the sum of the sites'. ``
 position. The rule claims the whole subtree (``out_proj`` is one of its sites).
 
 Cost: the stock forward runs too (its result is replaced), i.e. one extra attention forward per
-captured call. Refused: unbatched inputs (no batch dim to take per-example gradients over)."""
+captured call. Refused: unbatched inputs (no batch dim to take per-example gradients over).
+
+Transformer modules (:class:`SequenceFirstTransformer`): with ``batch_first=True`` their submodules
+are served one by one; with ``batch_first=False`` the outermost one is re-run batch-first while
+captured, so that every submodule's dim 0 is the batch."""
 from __future__ import annotations
 
 import inspect
@@ -26,7 +30,7 @@ from fastcurv.layers.base import CapturedLayer, Record, _versions, describe
 from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.registry import register, rule_for
 
-__all__ = ["MultiheadAttentionLayer", "attention_forward"]
+__all__ = ["MultiheadAttentionLayer", "SequenceFirstTransformer", "attention_forward"]
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
