@@ -313,8 +313,16 @@ class Capture:
                     shared = [(layer, rr) for layer, rr in shared if rr is not r]
             suspects = [r for layer, r in batched if id(r) in found and self._ambiguous(layer, r)]
             for r in self._interacting(losses, suspects, found):
+                layer = next(layer for layer, rr in batched if rr is r)
+                if not layer.supports_shared_input:
+                    raise RuntimeError(
+                        f"fastcurv.capture: dim 0 of the input {tuple(r.input.shape)} of {describe(layer.name, layer.module)} "
+                        f"is not the batch although its size is the batch size {self.batch_size} (a sequence-first "
+                        "[T, B, ...] layout with T == B?): its rows mix examples and every per-example quantity would be "
+                        "wrong. Use batch-first layouts (batch_first=True) for the captured modules."
+                    )
                 r.shared = True  # its output is shared by the examples: per-example deltas below
-                shared.append(next((layer, r) for layer, rr in batched if rr is r))
+                shared.append((layer, r))
             if shared:
                 found.update(self._per_example_deltas(losses, [r for _, r in shared], create_graph))
         if not found:
@@ -372,12 +380,7 @@ class Capture:
             )
 
     def _ambiguous(self, layer: CapturedLayer, r) -> bool:
-        """A batched-looking input whose layout could also be read another way: a 1-D input (B tokens,
-        or T = B positions shared by the batch) or a middle dim equal to B (sequence-first with T = B)."""
-        if not layer.supports_shared_input or not isinstance(r.input, torch.Tensor):
-            return False
-        B = self.batch_size
-        return B > 1 and (r.input.ndim == 1 or B in tuple(r.input.shape[1:-1]))
+        return isinstance(r.input, torch.Tensor) and layer.layout_is_ambiguous(r.input, self.batch_size)
 
     def _interacting(self, losses, suspects, found) -> list:
         """Records among ``suspects`` whose delta rows are not per example: with random weights w,

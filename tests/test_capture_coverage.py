@@ -324,3 +324,21 @@ def test_broadcast_positions_need_no_batched_backward(monkeypatch):
 
     monkeypatch.setattr(fastcurv.capture.Capture, "_per_example_deltas", refuse)
     check_against_loop(model, lambda m: m(idx), lambda out: ce(out, targets))
+
+
+def test_sequence_first_layernorm_with_t_equal_b_is_refused():
+    """A LayerNorm fed [T, B, E] with T == B looks batch-first; the random-weighted check catches it."""
+
+    class SeqFirstNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm = nn.Linear(3, 3), nn.LayerNorm(3)
+
+        def forward(self, x):  # x [B, T, 3]
+            return self.norm(torch.tanh(self.lin(x)).transpose(0, 1)).sum(0)
+
+    model = SeqFirstNorm()
+    with capture(model) as cap:
+        out = model(torch.randn(4, 4, 3))
+    with pytest.raises(RuntimeError, match=r"module 'norm' \(LayerNorm\) is not the batch.*batch_first=True"):
+        cap.per_example_sqnorms(out.square().sum(1))

@@ -116,6 +116,9 @@ class MultiheadAttentionLayer(CapturedLayer):
 
     claims_subtree = True  # out_proj is served here, as the "out" site
 
+    def layout_is_ambiguous(self, inp, batch_size):
+        return False  # the rule reads the batch from the module's own batch_first flag
+
     def __init__(self, name, module, params):
         super().__init__(name, module, params)
         m = module
@@ -258,6 +261,9 @@ class SequenceFirstTransformer(CapturedLayer):
 
     claims_subtree = True
 
+    def layout_is_ambiguous(self, inp, batch_size):
+        return False  # the rule reads the batch from the module's own batch_first flag
+
     @staticmethod
     def not_supported_reason(module) -> str:
         attentions = _attentions(module)
@@ -298,7 +304,6 @@ class SequenceFirstTransformer(CapturedLayer):
     def batch_witness(self, args, kwargs, output):
         first = args[0] if args else next(iter(kwargs.values()), None)
         return first.transpose(0, 1) if isinstance(first, torch.Tensor) and first.ndim == 3 else first
-
 
     def clear(self) -> None:
         super().clear()

@@ -109,6 +109,14 @@ class CapturedLayer:
         sequence-first RNN: a batch-first view of its input)."""
         return args[0] if args else next(iter(kwargs.values()), None)
 
+    def layout_is_ambiguous(self, inp: torch.Tensor, batch_size: int) -> bool:
+        """True when dim 0 of this input, of size B, might still not be the batch: a 1-D input (B
+        tokens, or T = B positions shared by the batch) or a middle dim of size B (sequence-first
+        with T = B). The capture then checks the deltas with one random-weighted backward. Rules whose
+        operation fixes dim 0 as the batch (convolutions, per-channel norms) return False."""
+        B = batch_size
+        return B > 1 and (inp.ndim == 1 or B in tuple(inp.shape[1:-1]))
+
     def check_input(self, inp) -> None:
         if not isinstance(inp, torch.Tensor) or inp.ndim < 1:
             shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__

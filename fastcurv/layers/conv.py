@@ -43,6 +43,9 @@ class ConvLayer(LinearMapLayer):
     #: per instance or on the class
     path: str = "auto"
 
+    def layout_is_ambiguous(self, inp, batch_size):
+        return False  # the convolution itself treats dim 0 as the batch
+
     def check_input(self, inp):
         super().check_input(inp)
         n = self.module.weight.ndim - 2

@@ -32,6 +32,9 @@ class ConvTransposeLayer(LinearMapLayer):
         self.output_bias_trainable = self.bias_trainable
         self.bias_trainable = False
 
+    def layout_is_ambiguous(self, inp, batch_size):
+        return False  # the convolution itself treats dim 0 as the batch
+
     def check_input(self, inp):
         super().check_input(inp)
         n = self.module.weight.ndim - 2

@@ -55,6 +55,9 @@ class RecurrentLayer(CapturedLayer):
 
     min_batched_ndim = 3
 
+    def layout_is_ambiguous(self, inp, batch_size):
+        return False  # the rule reads the batch from the module's own batch_first flag
+
     def __init__(self, name, module, params):
         super().__init__(name, module, params)
         qualified = {id(p): n for n, p in params}
