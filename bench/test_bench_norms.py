@@ -33,6 +33,19 @@ def cnn(big: bool):
     )
 
 
+def cnn_wide(big: bool):
+    """A ResNet-like channel schedule: wide channels on small maps (4x4 at the end), where the Conv
+    rule's cost model takes the ghost form; the early layers take the weight-gradient kernel."""
+    c = 64
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4 * c, 4 * c, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * c * 4 * 4, 10),
+    )
+
+
 class SequenceModel(nn.Module):
     """Embedding + two position-wise Linear layers over T tokens, mean-pooled classifier."""
 
@@ -55,9 +68,9 @@ def make_case(name, dev):
     if name == "mlp":
         B = 1024 if big else 256
         model, x = mlp(big), torch.randn(B, 784, generator=g)
-    elif name == "cnn":
+    elif name in ("cnn", "cnn_wide"):
         B = 256 if big else 64
-        model, x = cnn(big), torch.randn(B, 3, 32, 32, generator=g)
+        model, x = (cnn if name == "cnn" else cnn_wide)(big), torch.randn(B, 3, 32, 32, generator=g)
     else:
         B, T = (256 if big else 32), 64
         model, x = SequenceModel(), torch.randint(0, 1000, (B, T), generator=g)
@@ -65,7 +78,7 @@ def make_case(name, dev):
     return model.to(dev), x.to(dev), y.to(dev)
 
 
-CASES = ["mlp", "cnn", "sequence"]
+CASES = ["mlp", "cnn", "cnn_wide", "sequence"]
 
 
 def reference_norms(model, x, y):

@@ -295,17 +295,34 @@ class Capture:
         gate = stats_gate_closed() if self.batchnorm == "frozen_stats" else contextlib.nullcontext()
         found: dict[int, torch.Tensor] = {}
         with gate, _explain_second_backward(), torch.enable_grad():
-            live = [r for _, r in batched if r.output.requires_grad]
+            probes = self._broadcast_probes(losses, [r for _, r in shared if r.output.requires_grad])
+            live = [r for _, r in batched if r.output.requires_grad] + [r for r, _ in probes]
             if live:
-                grads = torch.autograd.grad(
-                    losses.sum(), [r.output for r in live], create_graph=create_graph, retain_graph=True,
-                    allow_unused=True,
-                )
-                found.update({id(r): g for r, g in zip(live, grads) if g is not None})
+                try:
+                    grads = torch.autograd.grad(
+                        losses.sum(), [r.output for r in live], create_graph=create_graph, retain_graph=True,
+                        allow_unused=True,
+                    )
+                finally:
+                    for _, probe in probes:
+                        probe.remove()
+                found.update({id(r): g for r, g in zip(live, grads) if g is not None and not r.shared})
+            for r, probe in probes:
+                if probe.delta is not None and tuple(probe.delta.shape) == (self.batch_size,) + tuple(r.output.shape):
+                    found[id(r)] = probe.delta
+                    shared = [(layer, rr) for layer, rr in shared if rr is not r]
             suspects = [r for layer, r in batched if id(r) in found and self._ambiguous(layer, r)]
             for r in self._interacting(losses, suspects, found):
+                layer = next(layer for layer, rr in batched if rr is r)
+                if not layer.supports_shared_input:
+                    raise RuntimeError(
+                        f"fastcurv.capture: dim 0 of the input {tuple(r.input.shape)} of {describe(layer.name, layer.module)} "
+                        f"is not the batch although its size is the batch size {self.batch_size} (a sequence-first "
+                        "[T, B, ...] layout with T == B?): its rows mix examples and every per-example quantity would be "
+                        "wrong. Use batch-first layouts (batch_first=True) for the captured modules."
+                    )
                 r.shared = True  # its output is shared by the examples: per-example deltas below
-                shared.append(next((layer, r) for layer, rr in batched if rr is r))
+                shared.append((layer, r))
             if shared:
                 found.update(self._per_example_deltas(losses, [r for _, r in shared], create_graph))
         if not found:
@@ -363,12 +380,7 @@ class Capture:
             )
 
     def _ambiguous(self, layer: CapturedLayer, r) -> bool:
-        """A batched-looking input whose layout could also be read another way: a 1-D input (B tokens,
-        or T = B positions shared by the batch) or a middle dim equal to B (sequence-first with T = B)."""
-        if not layer.supports_shared_input or not isinstance(r.input, torch.Tensor):
-            return False
-        B = self.batch_size
-        return B > 1 and (r.input.ndim == 1 or B in tuple(r.input.shape[1:-1]))
+        return isinstance(r.input, torch.Tensor) and layer.layout_is_ambiguous(r.input, self.batch_size)
 
     def _interacting(self, losses, suspects, found) -> list:
         """Records among ``suspects`` whose delta rows are not per example: with random weights w,
@@ -388,6 +400,32 @@ class Capture:
             if not torch.allclose(v, expect, rtol=tol, atol=tol * float(d.abs().max().clamp_min(1e-30))):
                 bad.append(r)
         return bad
+
+    def _broadcast_probes(self, losses, records) -> list:
+        """Shared outputs whose only use is ``batched + shared`` (nanoGPT's ``wte(idx) + wpe(pos)``):
+        the add's output gradient, ``[B, *output]``, is their per-example delta, so a hook on that
+        add node gives it during the ordinary backward, with no batched backward."""
+        if not records:
+            return []
+        targets = {r.output.grad_fn: r for r in records if r.output.grad_fn is not None}
+        consumers: dict = {}
+        seen, todo = set(), [losses.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for fn, _ in node.next_functions:
+                if fn in targets:
+                    consumers.setdefault(fn, []).append(node)
+                if fn is not None:
+                    todo.append(fn)
+        probes = []
+        for fn, r in targets.items():
+            users = consumers.get(fn, [])
+            if len(users) == 1 and type(users[0]).__name__ == "AddBackward0" and getattr(users[0], "_saved_alpha", None) == 1:
+                probes.append((r, _GradProbe(users[0])))
+        return probes
 
     def _per_example_deltas(self, losses, records, create_graph) -> dict[int, torch.Tensor]:
         """``[B, *output]`` deltas of outputs shared by the examples: B vector-Jacobian products in one
@@ -528,11 +566,12 @@ def _pair_cross(la, ka, da, lb, kb, db, gram: bool) -> torch.Tensor:
     from fastcurv.layers.embedding import EmbeddingLayer
     from fastcurv.layers.linear import LinearLayer
 
-    if not gram:
-        if isinstance(la, LinearLayer) and isinstance(lb, EmbeddingLayer):
-            la, ka, da, lb, kb, db = lb, kb, db, la, ka, da
-        if isinstance(la, EmbeddingLayer) and isinstance(lb, LinearLayer) and lb.params[kb][0].endswith("weight"):
-            return 2 * _embedding_linear_cross(la, da, lb, db)
+    # exact type: EmbeddingBagLayer subclasses EmbeddingLayer, but its rows come from bags
+    if isinstance(la, LinearLayer) and type(lb) is EmbeddingLayer:
+        la, ka, da, lb, kb, db = lb, kb, db, la, ka, da
+    if type(la) is EmbeddingLayer and isinstance(lb, LinearLayer) and lb.params[kb][0].endswith("weight"):
+        cross = _embedding_linear_cross(la, da, lb, db, gram)
+        return cross + cross.T if gram else 2 * cross
     ga = rows(la.per_example_grads(da)[ka])
     gb = rows(lb.per_example_grads(db)[kb])
     if gram:
@@ -540,18 +579,39 @@ def _pair_cross(la, ka, da, lb, kb, db, gram: bool) -> torch.Tensor:
     return 2 * (ga * gb).sum(1)
 
 
-def _embedding_linear_cross(emb, d_emb, lin, d_lin) -> torch.Tensor:
-    """``<g_emb,i, g_lin,i>`` for an Embedding weight tied to a Linear weight ``[V, D]``, without the
-    [B, V, D] gradients: ``sum_{t,s} d_lin[s, tok_t] (delta_emb[t] . a_lin[s])``."""
+def _embedding_linear_cross(emb, d_emb, lin, d_lin, gram: bool = False) -> torch.Tensor:
+    """``<g_emb,i, g_lin,i>`` ([B]; or ``<g_emb,i, g_lin,j>``, [B, B]) for an Embedding weight tied to
+    a Linear weight ``[V, D]``, without the [B, V, D] gradients:
+    ``sum_{t in i, s in j} d_lin[j, s, tok_it] (delta_emb[i, t] . a_lin[j, s])``."""
     tok, de = emb._tokens_and_deltas(d_emb if isinstance(d_emb, list) else [d_emb])
     a, dl = lin.operands(d_lin if isinstance(d_lin, list) else [d_lin])  # [B, 1, S, D], [B, 1, S, V]
     a, dl = a[:, 0], dl[:, 0]
+    tok = tok.long()
     keep = torch.ones_like(tok, dtype=torch.bool)
     if emb.module.padding_idx is not None:
         keep = tok != emb.module.padding_idx
-    picked = dl.gather(2, tok.long()[:, None, :].expand(-1, dl.shape[1], -1))  # [B, S, T]: d_lin[s, tok_t]
-    dots = a.to(de.dtype) @ de.transpose(1, 2)  # [B, S, T]: a_s . delta_t
-    return (picked.to(dots.dtype) * dots * keep[:, None, :]).sum((1, 2))
+    if not gram:
+        picked = dl.gather(2, tok[:, None, :].expand(-1, dl.shape[1], -1))  # [B, S, T]: d_lin[s, tok_t]
+        dots = a.to(de.dtype) @ de.transpose(1, 2)  # [B, S, T]: a_s . delta_t
+        return (picked.to(dots.dtype) * dots * keep[:, None, :]).sum((1, 2))
+    B, T = tok.shape
+    picked = dl.index_select(2, tok.flatten()).view(B, dl.shape[1], B, T)  # [j, s, i, t]: d_lin[j, s, tok_it]
+    dots = torch.einsum("jsd,itd->jsit", a.to(de.dtype), de)
+    return torch.einsum("jsit,jsit,it->ij", picked.to(dots.dtype), dots, keep.to(dots.dtype))
+
+
+class _GradProbe:
+    """Keeps the gradient arriving at an autograd node's output during one backward."""
+
+    def __init__(self, node):
+        self.delta = None
+        self.handle = node.register_prehook(self)
+
+    def __call__(self, grad_outputs):
+        self.delta = grad_outputs[0]
+
+    def remove(self):
+        self.handle.remove()
 
 
 def _tensors(args, kwargs, first) -> list[torch.Tensor]:
@@ -618,7 +678,7 @@ class _RecordHook:
     def __call__(self, module, args, kwargs, output):
         if replaying():
             return None
-        inp = args[0] if args else next(iter(kwargs.values()), None)
+        inp = self.layer.batch_witness(args, kwargs, output)
         shared = self.cap._on_record(self.layer, inp)
         replacement = self.layer.record(args, kwargs, output)
         if shared:

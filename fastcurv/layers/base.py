@@ -102,6 +102,21 @@ class CapturedLayer:
         self.records.append(Record(inp, output, args, kwargs, versions=_versions(inp, output)))
         return None
 
+    def batch_witness(self, args: tuple, kwargs: dict, output) -> Any:
+        """The tensor whose dim 0 is this call's batch, checked by the capture against the batch size:
+        the first input. A rule whose examples are not the rows of its first input overrides it
+        (EmbeddingBag with 1-D tokens and offsets: the examples are the bags, the output's rows; a
+        sequence-first RNN: a batch-first view of its input)."""
+        return args[0] if args else next(iter(kwargs.values()), None)
+
+    def layout_is_ambiguous(self, inp: torch.Tensor, batch_size: int) -> bool:
+        """True when dim 0 of this input, of size B, might still not be the batch: a 1-D input (B
+        tokens, or T = B positions shared by the batch) or a middle dim of size B (sequence-first
+        with T = B). The capture then checks the deltas with one random-weighted backward. Rules whose
+        operation fixes dim 0 as the batch (convolutions, per-channel norms) return False."""
+        B = batch_size
+        return B > 1 and (inp.ndim == 1 or B in tuple(inp.shape[1:-1]))
+
     def check_input(self, inp) -> None:
         if not isinstance(inp, torch.Tensor) or inp.ndim < 1:
             shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__

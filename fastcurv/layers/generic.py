@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastcurv.layers.base import CapturedLayer, describe
 
@@ -75,7 +76,9 @@ class GenericLayer(CapturedLayer):
         in_dims = (0,) + tuple(0 if b else None for b in batched)
         _replay["active"] = True
         try:
-            out = vmap(one_example, in_dims=in_dims, randomness="different")(copies, *flat_args)
+            # SDPA's math backend: the fused kernels have no double backward (penalties need one) nor a vmap rule
+            with sdpa_kernel(SDPBackend.MATH):
+                out = vmap(one_example, in_dims=in_dims, randomness="different")(copies, *flat_args)
         except Exception as exc:  # vmap cannot batch some modules (in-place buffer updates, data-dependent control)
             raise RuntimeError(
                 f"fastcurv.capture: the generic rule could not re-run {describe(self.name, self.module)} per example "

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastcurv.capture import Capture, capture
 
@@ -70,10 +71,15 @@ class Curvature:
 
     @contextlib.contextmanager
     def track(self) -> Iterator[Capture]:
-        """Record the forward that produces the losses to regularize (one forward per ``track``)."""
+        """Record the forward that produces the losses to regularize (one forward per ``track``).
+
+        ``F.scaled_dot_product_attention`` inside the tracked forward runs on its math backend
+        (``sdpa_kernel(SDPBackend.MATH)``): the penalty needs a double backward through attention,
+        which the fused kernels (the CPU flash kernel, CUDA flash / memory-efficient) do not have.
+        The math backend computes the same attention (more memory: it forms the score matrix)."""
         self._capture = None
         cap = capture(self.model, self.ignore, **self.capture_options)  # re-read requires_grad flags every step
-        with cap:
+        with cap, sdpa_kernel(SDPBackend.MATH):
             yield cap
         self._capture = cap
 

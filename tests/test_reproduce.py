@@ -1,0 +1,98 @@
+"""fastcurv reproduce: the verdict statistics against scipy (float64 oracle), the verdict on synthetic
+results with a known answer, and each paper's command end to end on the tiny budget."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fastcurv.reproduce import verdict
+from fastcurv.reproduce.verdict import CONTRADICTED, INCONCLUSIVE, REPRODUCED
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 10])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, -4.0, 12.0])
+def test_student_t_p_matches_scipy(t, df):
+    stats = pytest.importorskip("scipy.stats")
+    assert verdict.student_t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-12)
+
+
+def test_paired_test_matches_scipy_ttest_rel():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=6), rng.normal(size=6)
+    ours = verdict.paired_test(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert ours["t"] == pytest.approx(ref.statistic, rel=1e-10) and ours["p_t"] == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_sign_flip_p_exact():
+    # All 4 differences positive: only the identity and the all-flipped sign pattern are as extreme.
+    assert verdict.sign_flip_p([1.0, 2.0, 1.5, 1.2]) == pytest.approx(2 / 16)
+    assert verdict.sign_flip_p([1.0, -1.0]) == 1.0
+
+
+def test_spearman_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    x, y = [1, 2, 2, 5, 3, 9], [0.1, 0.5, 0.4, 0.9, 0.2, 0.3]
+    assert verdict.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert math.isnan(verdict.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def _noise(seed, n=8):
+    return np.random.default_rng(seed).normal(size=n)
+
+
+def test_verdict_known_answers():
+    base = _noise(1)
+    better = base + 0.5 + 0.05 * _noise(2)  # clearly higher on every seed
+    assert verdict.claim("c", "", "ours", better, "base", base, "greater", "acc")["verdict"] == REPRODUCED
+    assert verdict.claim("c", "", "ours", better, "base", base, "less", "err")["verdict"] == CONTRADICTED
+    assert verdict.claim("c", "", "ours", _noise(3), "base", _noise(4), "greater", "acc")["verdict"] == INCONCLUSIVE
+
+
+def test_identical_differences_do_not_make_two_seeds_significant():
+    test = verdict.paired_test([1.0, 1.0], [0.0, 0.0])
+    assert test["p_t"] == 0.5 and verdict.decide(test, "greater") == INCONCLUSIVE  # exact sign flip: 2 of 4
+    assert verdict.decide(verdict.paired_test([1.0] * 6, [0.0] * 6), "greater") == REPRODUCED  # p = 2/64
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="equal length"):
+        verdict.paired_test([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="'greater' or 'less'"):
+        verdict.decide(verdict.paired_test([1.0, 2.0], [0.0, 0.0]), "bigger")
+
+
+REQUIRES = {"geng": "mlxtend", "jia-su": "mnist1d", "fisher": "mlxtend", "jarvis": None}
+
+
+@pytest.mark.parametrize("paper", list(REQUIRES))
+def test_reproduce_end_to_end_tiny(paper, tmp_path, capsys):
+    if REQUIRES[paper]:
+        pytest.importorskip(REQUIRES[paper])
+    from fastcurv.cli import main
+
+    out = tmp_path / paper
+    assert main(["reproduce", paper, "--budget", "tiny", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["paper"] == paper and results["budget"] == "tiny" and results["seeds"] == [0, 1]
+    assert results["environment"]["torch"] and results["wall_time_s"] > 0
+    assert results["claims"] and all(c["verdict"] in (REPRODUCED, CONTRADICTED, INCONCLUSIVE) for c in results["claims"])
+    assert all(len(c["ours"]["values"]) == 2 for c in results["claims"])
+    assert "paper" in printed and results["claims"][0]["claim"] in printed
+    assert (out / "table.md").exists() and (out / "checkpoints" / ".gitignore").exists()
+    for plot in results["plots"]:
+        assert plot.endswith(".png")
+    # --resume loads the finished runs: same numbers.
+    assert main(["reproduce", paper, "--budget", "tiny", "--out", str(out), "--quiet", "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [c["ours"]["values"] for c in again["claims"]] == [c["ours"]["values"] for c in results["claims"]]
+
+
+def test_reproduce_refuses_one_seed(tmp_path, capsys):
+    from fastcurv.cli import main
+
+    assert main(["reproduce", "jarvis", "--budget", "tiny", "--seeds", "1", "--out", str(tmp_path)]) == 2
+    assert "--seeds must be >= 2" in capsys.readouterr().err
