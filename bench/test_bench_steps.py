@@ -15,8 +15,6 @@ Every benchmark also records the peak memory of its step next to the plain step'
     python -m pytest bench/test_bench_steps.py --benchmark-only --benchmark-group-by=group
 """
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,15 +23,13 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import fastcurv
+from fastcurv.models import resnet18
 from fastcurv.regularizers import Curvature, SubBatchGradNorm
 from fastcurv.train.loop import per_example_loss
 from fastcurv.train.rules import RULES, make_rule
 from _peers import GNP_ALPHA, GNP_R, SAM_RHO, make_gnp_step, make_sam_step
 from conftest import memory_next_to_plain, sync
 from test_bench_norms import cnn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zoo import resnet18  # noqa: E402  (the tests' ResNet-18, shared so that both run the same network)
 
 ALPHA = 1e-3
 
