@@ -57,21 +57,23 @@ def _gradient_and_direction(
     ``keep_graph=True`` leaves the graph of ``loss`` intact for a later ``loss.backward()``.
     Parameters that ``loss`` does not depend on get zeros."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    contraction = None
-    for p, g in zip(params, grads):
-        if g is None or not g.requires_grad:
-            continue  # p does not enter the loss, or enters only linearly: no curvature through it
-        term = (g * p.detach()).sum()
-        contraction = term if contraction is None else contraction + term
     if all(g is None for g in grads):
         raise ValueError(
             f"{owner}: the loss does not depend on any of the model's parameters; pass the loss "
             "computed from this model's output"
         )
     gradient = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
-    if contraction is None:
+    # A gradient that does not depend on the parameters (p unused, or entering only linearly) has no
+    # curvature through it; autograd refuses to differentiate it, so leave it out.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not live:
         return gradient, [torch.zeros_like(p) for p in params]
-    products = torch.autograd.grad(contraction, params, retain_graph=keep_graph, allow_unused=True)
+    # H thetabar = grad_theta (thetabar . grad L): the vector-Jacobian product of grad L with thetabar,
+    # without building the contraction's graph.
+    products = torch.autograd.grad(
+        [grads[i] for i in live], params, grad_outputs=[params[i].detach() for i in live],
+        retain_graph=keep_graph, allow_unused=True,
+    )
     return gradient, [torch.zeros_like(p) if d is None else d.detach() for p, d in zip(params, products)]
 
 
@@ -92,14 +94,23 @@ class _HessianProductRegularizer(Regularizer):
 
     owner = ""
 
-    def _terms(self, tensors, direction) -> tuple[torch.Tensor, list[torch.Tensor]]:  # pragma: no cover
-        """The penalty (differentiable in ``tensors``) and its gradient per tensor (detached)."""
+    # The penalty's value is value_factor * sum_j theta_j * (its gradient)_j: 1 for Metric, 1/2 for
+    # Selective L2 (a quadratic); backward() gets the value that way, from the gradients it needs anyway.
+    value_factor = 1.0
+
+    def _penalty_gradients(self, tensors, direction) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """The penalty's gradient per tensor (detached); records ``last_direction`` (and ``last_mask``)."""
+        raise NotImplementedError
+
+    def _penalty(self, tensors, penalty_gradients) -> torch.Tensor:  # pragma: no cover - abstract
+        """The penalty, differentiable in ``tensors``, given its gradients."""
         raise NotImplementedError
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
         loss = _batch_loss(self.owner, loss)
         tensors = [p for _, p in self.params]
-        return self._terms(tensors, hessian_parameter_product(self.owner, loss, tensors))[0]
+        direction = hessian_parameter_product(self.owner, loss, tensors)
+        return self._penalty(tensors, self._penalty_gradients(tensors, direction))
 
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
         """The whole step ``(loss + self(loss)).backward()`` for the model's parameters, without the
@@ -111,9 +122,10 @@ class _HessianProductRegularizer(Regularizer):
         tensors = [p for _, p in self.params]
         gradient, direction = _gradient_and_direction(self.owner, loss, tensors, keep_graph=False)
         with torch.no_grad():
-            penalty, penalty_gradients = self._terms(tensors, direction)
-            for p, g, r in zip(tensors, gradient, penalty_gradients):
-                total = g.add_(r)
+            penalty_gradients = self._penalty_gradients(tensors, direction)
+            penalty = self.value_factor * sum(torch.vdot(p.reshape(-1), r.reshape(-1)) for p, r in zip(tensors, penalty_gradients))
+            torch._foreach_add_(gradient, penalty_gradients)
+            for p, total in zip(tensors, gradient):
                 if p.grad is None:
                     p.grad = total
                 else:
@@ -145,14 +157,12 @@ class Metric(_HessianProductRegularizer):
         self.params = trainable_parameters("Metric", model)
         self.last_direction: list[torch.Tensor] | None = None
 
-    def _used(self, d):
-        return d.abs() if self.absolute else d
-
-    def _terms(self, tensors, direction):
+    def _penalty_gradients(self, tensors, direction):
         self.last_direction = direction
-        used = [self._used(d) for d in direction]
-        penalty = self.lam * torch.stack([(p * u).sum() for p, u in zip(tensors, used)]).sum()
-        return penalty, [self.lam * u for u in used]
+        return torch._foreach_mul(torch._foreach_abs(direction) if self.absolute else direction, self.lam)
+
+    def _penalty(self, tensors, penalty_gradients):
+        return torch.stack([(p * r).sum() for p, r in zip(tensors, penalty_gradients)]).sum()
 
 
 class SelectiveL2(_HessianProductRegularizer):
@@ -188,8 +198,13 @@ class SelectiveL2(_HessianProductRegularizer):
             return torch.zeros_like(direction, dtype=torch.bool)
         return magnitude < omega * magnitude.max()
 
-    def _terms(self, tensors, direction):
+    value_factor = 0.5
+
+    def _penalty_gradients(self, tensors, direction):
         masks = [self.mask_from_direction(d, self.omega) for d in direction]
         self.last_direction, self.last_mask = direction, masks
-        penalty = 0.5 * self.lam * torch.stack([p.pow(2).masked_fill(~m, 0).sum() for p, m in zip(tensors, masks)]).sum()
-        return penalty, [self.lam * p.detach().masked_fill(~m, 0) for p, m in zip(tensors, masks)]
+        return [torch.where(m, p.detach(), 0).mul_(self.lam) for p, m in zip(tensors, masks)]
+
+    def _penalty(self, tensors, penalty_gradients):
+        masks = self.last_mask
+        return 0.5 * self.lam * torch.stack([p.pow(2).masked_fill(~m, 0).sum() for p, m in zip(tensors, masks)]).sum()
