@@ -242,7 +242,7 @@ def _block_lanczos(A, k, tol, m_max, which, b, generator, progress):
     Q = _random_block(P, b, A, generator).T
     Q = torch.linalg.qr(Q.T).Q.T.contiguous() if b > 1 else Q / Q.norm()
     bar = _progress_bar(m_max, "lanczos" if b == 1 else f"block lanczos (b={b})", progress)
-    m, scale, worst = 0, torch.finfo(torch.float64).tiny, math.inf
+    m, previous, scale, worst = 0, 0, torch.finfo(torch.float64).tiny, math.inf
     try:
         while True:
             rows = Q.shape[0]
@@ -250,14 +250,20 @@ def _block_lanczos(A, k, tol, m_max, which, b, generator, progress):
             W = A.matmat(Q.T).T  # [rows, P]: one batched product of the block
             scale = max(scale, W.norm(dim=1).max().item())
             V = basis[: m + rows]
-            C = V @ W.T
-            T[m : m + rows, m : m + rows] = (C[m:].double() + C[m:].double().T) / 2
+            # The three-term (block) recurrence first, against the previous and current blocks only:
+            # it removes almost all of W's projection onto V, so the full pass below, which streams
+            # the whole basis (the memory-bound part of an iteration), is needed once, not twice.
+            local = basis[previous : m + rows]
+            C = local @ W.T
+            T[m : m + rows, m : m + rows] = (C[m - previous :].double() + C[m - previous :].double().T) / 2
+            W = W - C.T @ local
             before = W.norm(dim=1)
-            W = W - C.T @ V
+            W = W - (V @ W.T).T @ V
             # A second pass only when the first one cancelled most of W (Daniel-Gragg-Kaufman-Stewart
             # criterion): then rounding left components along V that one more pass removes.
             if bool((W.norm(dim=1) < 0.7 * before).any()):
                 W = W - (V @ W.T).T @ V
+            previous = m
             m += rows
             bar.update(rows)
             theta, S = torch.linalg.eigh(T[:m, :m])
