@@ -8,6 +8,9 @@
 * ``subbatch-{mlp,cnn,resnet18}``: one step of R_alpha (paper 001, M=8, ``SubBatchGradNorm.backward``)
   against an sgd step; ResNet-18 with BatchNorm in train mode (per-sub-batch statistics).
 * ``rules-*``: one step of every learning rule of ``fastcurv.train`` relative to ``sgd``.
+* ``hessian-product-step``: the metric / selective_l2 rules (``reg.backward``: one create_graph backward
+  and one double backward, data gradient reused) vs the same penalty as a loss term,
+  ``(mean l + reg(l)).backward()`` (one more backward of the loss), vs sgd, on the ``rules-mlp`` case.
 
 Every benchmark also records the peak memory of its step next to the plain step's in extra_info
 (``peak_mem_MiB``, ``plain_peak_mem_MiB``, ``peak_mem_vs_plain``; see ``conftest.peak_memory_bytes``).
@@ -222,6 +225,55 @@ def test_rule_step(benchmark, record, dev, rule):
 
     def run():
         r.step(x, y, opt, epoch=0)
+        sync(dev)
+
+    benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
+
+
+def make_loss_term_step(regularizer_class, **hyper):
+    """The penalty added to the loss and backpropagated with it: the HVP's create_graph backward, the
+    double backward, then a second full backward of the loss."""
+
+    def build(model):
+        reg = regularizer_class(model, **hyper)
+
+        def step(model, x, y, optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            per_example = F.cross_entropy(model(x), y, reduction="none")
+            (per_example.mean() + reg(per_example)).backward()
+            optimizer.step()
+
+        return step
+
+    return build
+
+
+def make_rule_step(rule):
+    def build(model):
+        r = make_rule(rule).bind(model, per_example_loss("cross_entropy"), epochs=10)
+        return lambda model, x, y, optimizer: r.step(x, y, optimizer, epoch=0)
+
+    return build
+
+
+HESSIAN_PRODUCT_STEP = {
+    "sgd": make_rule_step("sgd"),
+    "metric rule (reg.backward)": make_rule_step("metric"),
+    "metric as loss term": make_loss_term_step(fastcurv.regularizers.Metric, lam=0.1),
+    "selective_l2 rule (reg.backward)": make_rule_step("selective_l2"),
+    "selective_l2 as loss term": make_loss_term_step(fastcurv.regularizers.SelectiveL2, lam=1.0, omega=1e-3),
+}
+
+
+@pytest.mark.parametrize("contender", list(HESSIAN_PRODUCT_STEP))
+def test_hessian_product_step(benchmark, record, dev, contender):
+    model, x, y = rules_case(dev)
+    record("hessian-product-step", contender=contender, batch=x.shape[0])
+    step = HESSIAN_PRODUCT_STEP[contender](model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def run():
+        step(model, x, y, opt)
         sync(dev)
 
     benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)

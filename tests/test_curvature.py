@@ -216,8 +216,11 @@ def _indefinite_loss(out, target):
     return F.cross_entropy(out, target) - 3.0 * out.square().mean()
 
 
+SOLVERS = ["lanczos", "block_lanczos", "power"]
+
+
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("method", ["lanczos", "power"])
+@pytest.mark.parametrize("method", SOLVERS)
 @pytest.mark.parametrize("which", ["LM", "LA"])
 def test_top_eigenvalues_match_eigh(model_name, method, which, device):
     model = MODELS[model_name](device)
@@ -240,7 +243,7 @@ def test_top_eigenvalues_match_eigh(model_name, method, which, device):
     torch.testing.assert_close(dense @ vecs, vecs * vals, rtol=0, atol=1e-7 * scale)
 
 
-@pytest.mark.parametrize("method", ["lanczos", "power"])
+@pytest.mark.parametrize("method", SOLVERS)
 def test_top_eigenvalues_of_a_matrix_with_known_spectrum(method):
     P = 40
     Q = torch.linalg.qr(torch.randn(P, P, dtype=DT)).Q
@@ -254,13 +257,87 @@ def test_top_eigenvalues_of_a_matrix_with_known_spectrum(method):
     assert spectral_radius(A, method=method, tol=1e-10) == pytest.approx(9.0, abs=1e-8)
 
 
-def test_power_iteration_finds_a_repeated_eigenvalue():
+@pytest.mark.parametrize("method", ["block_lanczos", "power"])
+def test_block_solvers_find_a_repeated_eigenvalue(method):
     P = 30
     Q = torch.linalg.qr(torch.randn(P, P, dtype=DT)).Q
     spectrum = torch.rand(P, dtype=DT)
     spectrum[:2] = 4.0
-    vals, vecs = top_eigenvalues(Q @ torch.diag(spectrum) @ Q.T, k=2, method="power", tol=1e-10)
+    vals, vecs = top_eigenvalues(Q @ torch.diag(spectrum) @ Q.T, k=2, method=method, tol=1e-10)
     torch.testing.assert_close(vals, torch.tensor([4.0, 4.0], dtype=DT))
+
+
+@pytest.mark.parametrize("P", [1, 3, 17, 40])
+@pytest.mark.parametrize("which", ["LM", "LA"])
+@pytest.mark.parametrize("method", ["lanczos", "block_lanczos"])
+def test_lanczos_solvers_on_odd_sizes_k_from_1_to_P(P, which, method):
+    """k = 1, k = P - 1 and k = P, block sizes that do not divide P, against float64 eigh."""
+    g = torch.Generator().manual_seed(P)
+    A = torch.randn(P, P, dtype=DT, generator=g)
+    A = A + A.T
+    eigenvalues = torch.linalg.eigvalsh(A)
+    reference = eigenvalues[eigenvalues.abs().argsort(descending=True)] if which == "LM" else eigenvalues.flip(0)
+    for k in sorted({1, max(P - 1, 1), P}):
+        for block_size in ([None] if method == "lanczos" else sorted({1, min(2, P), min(5, P), P})):
+            vals, vecs, info = top_eigenvalues(A, k=k, which=which, method=method, block_size=block_size,
+                                               tol=1e-10, return_info=True)
+            torch.testing.assert_close(vals, reference[:k], rtol=0, atol=1e-9 * eigenvalues.abs().max())
+            torch.testing.assert_close(vecs.T @ vecs, torch.eye(k, dtype=DT), rtol=0, atol=1e-9)
+            torch.testing.assert_close(A @ vecs, vecs * vals, rtol=0, atol=1e-8 * eigenvalues.abs().max())
+            assert info.converged and info.num_products <= P and len(info.residuals) == k
+
+
+@pytest.mark.parametrize("method, block_size, spectrum, expected", [
+    # 3 distinct eigenvalues, k = 4: single-vector Lanczos exhausts its Krylov space after 3 steps.
+    ("lanczos", None, [5.0, 2.0] + [1.0] * 11, [5.0, 2.0, 1.0, 1.0]),
+    # Blocks of 2 and 4 see both copies of the repeated eigenvalue 2.
+    ("block_lanczos", 2, [5.0] + [2.0] * 6 + [1.0] * 6, [5.0, 2.0, 2.0]),
+    ("block_lanczos", 4, [5.0] + [2.0] * 6 + [1.0] * 6, [5.0, 2.0, 2.0]),
+])
+def test_lanczos_restarts_after_an_invariant_subspace(method, block_size, spectrum, expected):
+    """Few distinct eigenvalues: the Krylov space of the start block becomes invariant after a few steps
+    (W = 0). The solver must continue from fresh random directions with zero coupling, orthogonal to the
+    basis, instead of dividing by zero or stopping short."""
+    P = len(spectrum)
+    Q = torch.linalg.qr(torch.randn(P, P, dtype=DT, generator=torch.Generator().manual_seed(1))).Q
+    A = Q @ torch.diag(torch.tensor(spectrum, dtype=DT)) @ Q.T
+    k = len(expected)
+    vals, vecs, info = top_eigenvalues(A, k=k, method=method, block_size=block_size, tol=1e-10, return_info=True)
+    torch.testing.assert_close(vals, torch.tensor(expected, dtype=DT))
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(k, dtype=DT), rtol=0, atol=1e-9)
+    torch.testing.assert_close(A @ vecs, vecs * vals, rtol=0, atol=1e-9)
+    assert info.converged and info.num_products < P  # found before the basis filled the space
+
+
+def test_convergence_info_reports_residuals_and_products():
+    g = torch.Generator().manual_seed(0)
+    P = 60
+    Q = torch.linalg.qr(torch.randn(P, P, dtype=DT, generator=g)).Q
+    spectrum = torch.linspace(0.0, 1.0, P, dtype=DT)
+    spectrum[-3:] = torch.tensor([3.0, 4.0, 5.0], dtype=DT)
+    A = Q @ torch.diag(spectrum) @ Q.T
+
+    class Counting:
+        num_params, dtype, device = P, DT, torch.device("cpu")
+        products = 0
+
+        def matmat(self, V):
+            self.products += V.shape[1]
+            return A @ V
+
+    for method in SOLVERS:
+        op = Counting()
+        vals, vecs, info = top_eigenvalues(op, k=2, method=method, tol=1e-6, return_info=True)
+        assert info.method == method and info.converged
+        assert info.num_products == op.products  # every column multiplied is counted
+        true_residuals = (A @ vecs - vecs * vals).norm(dim=0) / 5.0
+        assert max(info.residuals) <= 1e-6
+        torch.testing.assert_close(torch.tensor(info.residuals, dtype=DT), true_residuals, rtol=1e-2, atol=1e-12)
+    # Not converged: reported, and warned.
+    with pytest.warns(ConvergenceWarning):
+        _, _, info = top_eigenvalues(A, k=2, method="block_lanczos", block_size=2, max_iter=4, tol=1e-12,
+                                     return_info=True)
+    assert not info.converged and info.num_products == 4 and max(info.residuals) > 1e-12
 
 
 def test_lanczos_full_krylov_space_is_exact_and_k_equals_P():
@@ -286,6 +363,8 @@ def test_not_converged_warns():
         top_eigenvalues(A, k=1, method="power", max_iter=2, tol=1e-12)
     with pytest.warns(ConvergenceWarning, match="not converged"):
         top_eigenvalues(A, k=1, method="lanczos", max_iter=3, tol=1e-12)
+    with pytest.warns(ConvergenceWarning, match="not converged"):
+        top_eigenvalues(A, k=1, method="block_lanczos", max_iter=6, tol=1e-12)
 
 
 def test_eigen_solver_on_float32_hessian():
@@ -383,6 +462,11 @@ def test_bad_solver_arguments(mlp_hessian):
         top_eigenvalues(H, method="arnoldi")
     with pytest.raises(ValueError, match="block_size must be in"):
         top_eigenvalues(H, k=3, method="power", block_size=2)
+    for bad in (0, P + 1, 2.0):
+        with pytest.raises(ValueError, match=rf"block_size must be in \[1, P = {P}\] for method='block_lanczos'"):
+            top_eigenvalues(H, k=1, method="block_lanczos", block_size=bad)
+    with pytest.raises(ValueError, match="block_size applies to method='power' or 'block_lanczos' only"):
+        top_eigenvalues(H, k=1, method="lanczos", block_size=2)
     with pytest.raises(ValueError, match="num_probes must be a positive integer"):
         trace(H, num_probes=0)
     with pytest.raises(ValueError, match="needs num_probes >= 3"):

@@ -319,6 +319,59 @@ def test_selective_l2_against_explicit_hessian():
     torch.testing.assert_close(grads, lam * expected_mask * theta)
 
 
+def _metric_problem(device):
+    """An MLP with a frozen bias and a parameter that the loss never uses (zero gradient and zero HVP)."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Linear(3, 2)).to(device, DT)
+    model[0].bias.requires_grad_(False)
+    x = torch.randn(7, 4, dtype=DT, device=device)
+    y = torch.randint(0, 3, (7,), device=device)
+
+    def per_example_loss():
+        return F.cross_entropy(model[:3](x), y, reduction="none")  # model[3] is never used
+
+    return model, per_example_loss
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: Metric(m, 0.4), lambda m: Metric(m, 0.4, absolute=True), lambda m: SelectiveL2(m, 0.7, omega=0.3),
+], ids=["metric", "metric_absolute", "selective_l2"])
+def test_backward_is_the_step_loss_plus_penalty_backward(device, make):
+    """reg.backward(l) (data gradient reused from the HVP's create_graph backward) == (l.mean() + reg(l)).backward(),
+    gradients accumulated onto existing .grad, same penalty and same last_direction / last_mask."""
+    model, per_example_loss = _metric_problem(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start = [torch.randn_like(p) for p in trainable]  # .grad already holds something: must accumulate
+
+    reg = make(model)
+    for p, g in zip(trainable, start):
+        p.grad = g.clone()
+    per_example = per_example_loss()
+    expected_penalty = reg(per_example)
+    (per_example.mean() + expected_penalty).backward()
+    expected = [p.grad.clone() for p in trainable]
+    expected_state = [t.clone() for t in reg.last_direction] + [t.clone() for t in getattr(reg, "last_mask", [])]
+
+    for p, g in zip(trainable, start):
+        p.grad = g.clone()
+    penalty = reg.backward(per_example_loss())
+    torch.testing.assert_close(penalty, expected_penalty.detach())
+    assert not penalty.requires_grad
+    for p, e in zip(trainable, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-14)
+    state = list(reg.last_direction) + list(getattr(reg, "last_mask", []))
+    for a, b in zip(state, expected_state):
+        assert torch.equal(a, b)
+    # From .grad = None the result is the plain step's gradient.
+    model.zero_grad(set_to_none=True)
+    reg.backward(per_example_loss())
+    for p, e, g0 in zip(trainable, expected, start):
+        torch.testing.assert_close(p.grad, e - g0, rtol=1e-12, atol=1e-14)
+    # The unused layer gets zero gradient (and, having zero H thetabar, no Selective L2 either);
+    # the frozen bias gets none.
+    assert model[0].bias.grad is None
+    assert torch.count_nonzero(model[3].weight.grad) == 0 and torch.count_nonzero(model[3].bias.grad) == 0
+
+
 def test_metric_bad_input():
     model = _mlp("cpu")
     with pytest.raises(ValueError, match="lam must be finite and >= 0, got -0.1"):
@@ -334,6 +387,10 @@ def test_metric_bad_input():
         reg(torch.tensor(1.0))
     with pytest.raises(ValueError, match="does not depend on any of the model's parameters"):
         reg(torch.ones(3, requires_grad=True).sum())
+    with pytest.raises(ValueError, match="does not depend on any of the model's parameters"):
+        reg.backward(torch.ones(3, requires_grad=True).sum())
+    with pytest.raises(ValueError, match=r"SelectiveL2: expected the batch loss.*got shape \(2, 2\)"):
+        SelectiveL2(model, 0.1, 0.5).backward(torch.ones(2, 2, requires_grad=True))
 
 
 # ------------------------------------------------------------------------------------------- baselines

@@ -5,15 +5,32 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from fastcurv.curvature._operator import CurvatureOperator, as_operator
 
-__all__ = ["top_eigenvalues", "spectral_radius", "ConvergenceWarning"]
+__all__ = ["top_eigenvalues", "spectral_radius", "ConvergenceWarning", "EigenInfo"]
 
 WHICH = ("LM", "LA")
-METHODS = ("lanczos", "power")
+METHODS = ("lanczos", "block_lanczos", "power")
+
+
+@dataclass(frozen=True)
+class EigenInfo:
+    """How a :func:`top_eigenvalues` call ended (returned with ``return_info=True``).
+
+    ``residuals[i]`` is ``||A x_i - lambda_i x_i|| / max_j |lambda_j|`` for the returned pair ``i``; the
+    eigenvalue error is at most that (times ``max |lambda|``), and much smaller when eigenvalues are
+    well separated. ``num_products`` counts matrix-vector products (columns), including any shift
+    estimate for ``which="LA"`` with the power method.
+    """
+
+    method: str
+    converged: bool
+    num_products: int
+    residuals: list[float]
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -59,7 +76,8 @@ def top_eigenvalues(
     seed: int = 0,
     block_size: int | None = None,
     progress: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_info: bool = False,
+):
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
     Args:
@@ -67,30 +85,37 @@ def top_eigenvalues(
             object with ``matmat`` (or ``@``), ``num_params``, ``dtype``, ``device``, or a square tensor.
         k: how many eigenpairs (``1 <= k <= P``).
         tol: convergence when every wanted Ritz pair has residual ``||A x - theta x|| <= tol * |theta_max|``
-            (``theta_max`` = largest-magnitude Ritz value seen, an estimate of ``||A||_2``); the eigenvalue
-            error is then at most that residual, and much smaller when eigenvalues are well separated.
+            (``theta_max`` = largest-magnitude Ritz value, an estimate of ``||A||_2``);
+            the eigenvalue error is then at most that residual, and much smaller when eigenvalues are
+            well separated.
         max_iter: ``"power"``: iterations (each one batched product of ``block_size`` columns; default 1000).
-            ``"lanczos"``: the largest Krylov dimension, i.e. number of single products (default
-            ``min(P, max(200, 20 k))``); the basis of that many ``P``-vectors is kept in memory.
+            ``"lanczos"`` / ``"block_lanczos"``: the largest Krylov dimension, i.e. number of columns
+            multiplied (default ``min(P, max(200, 20 k))``); the basis of that many ``P``-vectors is
+            kept in memory.
         which: ``"LM"`` largest magnitude (sorted by descending ``|lambda|``) or ``"LA"`` largest algebraic
             (sorted by descending ``lambda``).
-        method: ``"lanczos"`` (Lanczos with full reorthogonalization, fewest products) or ``"power"``
-            (simultaneous power iteration with Rayleigh-Ritz, paper 002 Algorithm 1 with the ``k``
-            products of an iteration batched into one, and Ritz values instead of R's diagonal). For
-            ``"LA"`` the power method iterates on ``A + rho I`` with ``rho`` its own ``"LM"`` estimate of
-            the spectral radius, which makes the largest algebraic eigenvalues the dominant ones.
+        method: ``"lanczos"`` (default: Lanczos with full reorthogonalization, one product per step,
+            fewest products), ``"block_lanczos"`` (the same with ``block_size`` columns per step, each
+            step one batched product: fewer, larger products; finds exactly repeated eigenvalues), or
+            ``"power"`` (simultaneous power iteration with Rayleigh-Ritz, paper 002 Algorithm 1 with the
+            ``k`` products of an iteration batched into one, and Ritz values instead of R's diagonal).
+            For ``"LA"`` the power method iterates on ``A + rho I`` with ``rho`` its own ``"LM"`` estimate
+            of the spectral radius, which makes the largest algebraic eigenvalues the dominant ones.
         seed: seed of the random start (drawn on the CPU, so the same on every device).
-        block_size: power method only: columns per iteration, ``>= k`` (default ``min(P, max(2k, k + 2))``;
+        block_size: ``"power"``: columns per iteration, ``>= k`` (default ``min(P, max(2k, k + 2))``;
             extra columns speed convergence from ``|lambda_{k+1}/lambda_k|`` to ``|lambda_{b+1}/lambda_k|``).
+            ``"block_lanczos"``: columns per step, ``1 <= block_size <= P`` (default ``min(P, max(k, 4))``).
         progress: show a tqdm bar (default: only when stderr is a terminal).
+        return_info: also return an :class:`EigenInfo` (converged or not, products used, residuals).
 
     Returns:
-        ``(eigenvalues [k], eigenvectors [P, k])`` in the operator's dtype and device; eigenvectors are
-        orthonormal, each with its largest-magnitude entry positive.
+        ``(eigenvalues [k], eigenvectors [P, k])`` in the operator's dtype and device (plus the
+        :class:`EigenInfo` with ``return_info=True``); eigenvectors are orthonormal, each with its
+        largest-magnitude entry positive.
 
     Emits :class:`ConvergenceWarning` (with the residual reached) if ``max_iter`` is hit first.
     Single-vector Lanczos finds one copy of an exactly repeated eigenvalue before the others: for
-    operators with exact multiplicities (symmetries) prefer ``method="power"``.
+    operators with exact multiplicities (symmetries) prefer ``"block_lanczos"`` or ``"power"``.
     """
     A = as_operator(op)
     P = A.num_params
@@ -107,33 +132,44 @@ def top_eigenvalues(
     if not A.dtype.is_floating_point:
         raise TypeError(f"top_eigenvalues: the operator's dtype must be floating point, got {A.dtype}")
     generator = torch.Generator().manual_seed(seed)
-    if method == "lanczos":
-        if block_size is not None:
-            raise ValueError("top_eigenvalues: block_size applies to method='power' only")
+    if method in ("lanczos", "block_lanczos"):
+        if method == "lanczos":
+            if block_size is not None:
+                raise ValueError("top_eigenvalues: block_size applies to method='power' or 'block_lanczos' only")
+            b = 1
+        else:
+            b = block_size if block_size is not None else min(P, max(k, 4))
+            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= P:
+                raise ValueError(f"top_eigenvalues: block_size must be in [1, P = {P}] for method='block_lanczos', "
+                                 f"got {block_size!r}")
         m_max = min(P, max_iter if max_iter is not None else max(200, 20 * k))
         if m_max < k:
             raise ValueError(f"top_eigenvalues: max_iter = {max_iter} < k = {k}; Lanczos needs at least k products")
-        return _lanczos(A, k, tol, m_max, which, generator, progress)
-    b = block_size if block_size is not None else min(P, max(2 * k, k + 2))
-    if not k <= b <= P:
-        raise ValueError(f"top_eigenvalues: block_size must be in [k = {k}, P = {P}], got {block_size!r}")
-    iters = max_iter if max_iter is not None else 1000
-    shift = 0.0
-    if which == "LA":
-        rho = _block_power(A, 1, tol, iters, "LM", min(P, 3), 0.0, generator, progress)[0].abs().item()
-        shift = rho
-    values, vectors = _block_power(A, k, tol, iters, which, b, shift, generator, progress)
-    return values, vectors
+        m_max = max(m_max, min(b, P))  # room for the first block
+        values, vectors, info = _block_lanczos(A, k, tol, m_max, which, b, generator, progress)
+    else:
+        b = block_size if block_size is not None else min(P, max(2 * k, k + 2))
+        if not k <= b <= P:
+            raise ValueError(f"top_eigenvalues: block_size must be in [k = {k}, P = {P}], got {block_size!r}")
+        iters = max_iter if max_iter is not None else 1000
+        shift, shift_products = 0.0, 0
+        if which == "LA":
+            rho, _, shift_info = _block_power(A, 1, tol, iters, "LM", min(P, 3), 0.0, generator, progress)
+            shift, shift_products = rho.abs().item(), shift_info.num_products
+        values, vectors, info = _block_power(A, k, tol, iters, which, b, shift, generator, progress)
+        info = EigenInfo(info.method, info.converged, info.num_products + shift_products, info.residuals)
+    return (values, vectors, info) if return_info else (values, vectors)
 
 
 def _block_power(A, k, tol, iters, which, b, shift, generator, progress):
     P = A.num_params
     Q = _orthonormal(_random_block(P, b, A, generator))
     bar = _progress_bar(iters, "block power", progress)
-    worst = math.inf
+    worst, done = math.inf, 0
     try:
         for _ in range(iters):
             Z = A.matmat(Q)  # one batched product per iteration
+            done += 1
             if shift:
                 Z = Z + shift * Q
             # Rayleigh-Ritz on span(Q), in float64.
@@ -143,9 +179,9 @@ def _block_power(A, k, tol, iters, which, b, shift, generator, progress):
             theta, S = theta[order], S[:, order]
             S_ = S.to(A.dtype)
             X, AX = Q @ S_, Z @ S_
-            residual = (AX.double() - X.double() * theta).norm(dim=0)
+            residual = (AX.double() - X.double() * theta).norm(dim=0)[:k]
             scale = max((theta - shift).abs().max().item(), torch.finfo(torch.float64).tiny)
-            worst = (residual[:k].max() / scale).item()
+            worst = (residual.max() / scale).item()
             bar.update(1)
             bar.set_postfix(residual=f"{worst:.1e}")
             if worst <= tol:
@@ -161,70 +197,105 @@ def _block_power(A, k, tol, iters, which, b, shift, generator, progress):
     finally:
         bar.close()
     values = (theta[:k] - shift).to(A.dtype).to(A.device)
-    return values, _fix_signs(X[:, :k])
+    info = EigenInfo("power", worst <= tol, done * b, (residual / scale).tolist())
+    return values, _fix_signs(X[:, :k]), info
 
 
-def _lanczos(A, k, tol, m_max, which, generator, progress):
+def _next_block(W, basis, rows, scale, generator, A):
+    """The next Lanczos block: ``rows`` orthonormal rows, orthogonal to ``basis``, and their coupling
+    ``B`` (``[rows, b]``, float64), with ``W ~= B^T Q`` for ``W [b, P]`` already orthogonal to ``basis``.
+
+    Directions of ``W`` at rounding level relative to ``scale`` (~ ``||A||``) mean an invariant subspace
+    was found (or fewer than ``b`` dimensions remain): they get zero coupling and fresh random
+    directions take their place, so eigenvalues the start block missed are still found."""
+    if W.shape[0] == 1:  # single-vector Lanczos: a norm, no factorization
+        norm = W.norm()
+        Q, coupling = W / norm, norm.double().reshape(1, 1)
+    else:
+        Qw, R = torch.linalg.qr(W.T)
+        U_R, sigma, Vh = torch.linalg.svd(R.double())
+        Q, coupling = (Qw @ U_R.to(W.dtype)).T, sigma[:, None] * Vh
+    keep = coupling.norm(dim=1) > 100 * torch.finfo(W.dtype).eps * scale
+    if not bool(keep.all()):
+        Q, coupling = Q[keep], coupling[keep]
+    Q, coupling = Q[:rows], coupling[:rows].cpu()
+    missing = rows - Q.shape[0]
+    if missing:
+        fresh = _random_block(A.num_params, missing, A, generator).T
+        for _ in range(2):
+            fresh = fresh - (fresh @ basis.T) @ basis
+            fresh = fresh - (fresh @ Q.T) @ Q
+        Q = torch.cat([Q, torch.linalg.qr(fresh.T).Q.T])
+        coupling = torch.cat([coupling, coupling.new_zeros(missing, W.shape[0])])
+    return Q.contiguous(), coupling
+
+
+def _block_lanczos(A, k, tol, m_max, which, b, generator, progress):
+    """Block Lanczos with full reorthogonalization; ``b = 1`` is plain Lanczos.
+
+    The Krylov basis is stored as contiguous rows ``[m, P]``, so projecting a new block out of it is two
+    GEMMs (GEMVs for ``b = 1``) that stream the basis once each. Each step applies ``A`` to ``b`` columns
+    in one batched product."""
     P = A.num_params
-    basis = torch.zeros(P, m_max, dtype=A.dtype, device=A.device)
-    alphas: list[float] = []
-    betas: list[float] = []  # betas[j] couples basis[:, j] and basis[:, j + 1]
-    eps = torch.finfo(A.dtype).eps
-    q = _random_block(P, 1, A, generator)[:, 0]
-    q = q / q.norm()
-    bar = _progress_bar(m_max, "lanczos", progress)
-    worst, theta, S, m = math.inf, None, None, 0
+    basis = torch.empty(m_max, P, dtype=A.dtype, device=A.device)  # rows; never zero-filled
+    T = torch.zeros(m_max, m_max, dtype=torch.float64)  # block tridiagonal projection V A V^T
+    Q = _random_block(P, b, A, generator).T
+    Q = torch.linalg.qr(Q.T).Q.T.contiguous() if b > 1 else Q / Q.norm()
+    bar = _progress_bar(m_max, "lanczos" if b == 1 else f"block lanczos (b={b})", progress)
+    m, previous, scale, worst = 0, 0, torch.finfo(torch.float64).tiny, math.inf
     try:
-        for j in range(m_max):
-            basis[:, j] = q
-            w = A.matmat(q[:, None])[:, 0]
-            alpha = torch.dot(q, w).item()
-            alphas.append(alpha)
-            # Full reorthogonalization (twice is enough: "twice is enough", Parlett) keeps the basis
-            # orthonormal to working precision, so no ghost eigenvalues appear.
-            V = basis[:, : j + 1]
-            for _ in range(2):
-                w = w - V @ (V.T @ w)
-            beta = w.norm().item()
-            m = j + 1
-            bar.update(1)
+        while True:
+            rows = Q.shape[0]
+            basis[m : m + rows] = Q
+            W = A.matmat(Q.T).T  # [rows, P]: one batched product of the block
+            scale = max(scale, W.norm(dim=1).max().item())
+            V = basis[: m + rows]
+            # The three-term (block) recurrence first, against the previous and current blocks only:
+            # it removes almost all of W's projection onto V, so the full pass below, which streams
+            # the whole basis (the memory-bound part of an iteration), is needed once, not twice.
+            local = basis[previous : m + rows]
+            C = local @ W.T
+            T[m : m + rows, m : m + rows] = (C[m - previous :].double() + C[m - previous :].double().T) / 2
+            W = W - C.T @ local
+            before = W.norm(dim=1)
+            W = W - (V @ W.T).T @ V
+            # A second pass only when the first one cancelled most of W (Daniel-Gragg-Kaufman-Stewart
+            # criterion): then rounding left components along V that one more pass removes.
+            if bool((W.norm(dim=1) < 0.7 * before).any()):
+                W = W - (V @ W.T).T @ V
+            previous = m
+            m += rows
+            bar.update(rows)
+            theta, S = torch.linalg.eigh(T[:m, :m])
+            theta_scale = max(theta.abs().max().item(), torch.finfo(torch.float64).tiny)
+            order = _order(theta, which)[:k]
+            theta, S = theta[order], S[:, order]
             if m >= k:
-                T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-                if m > 1:
-                    off = torch.tensor(betas, dtype=torch.float64)
-                    T = T + torch.diag(off, 1) + torch.diag(off, -1)
-                theta, S = torch.linalg.eigh(T)
-                order = _order(theta, which)
-                theta, S = theta[order], S[:, order]
-                scale = max(theta.abs().max().item(), torch.finfo(torch.float64).tiny)
-                # Residual of Ritz pair i is |beta_m * (last component of its eigenvector of T)|.
-                worst = (beta * S[-1, :k].abs().max() / scale).item()
+                # Ritz pair (theta_i, V^T s_i) has residual A y - theta y = W^T s_i[last block].
+                residual = (S[m - rows :, :].T.to(A.device, A.dtype) @ W).norm(dim=1).double()
+                worst = (residual.max() / theta_scale).item()
                 bar.set_postfix(residual=f"{worst:.1e}")
                 if worst <= tol or m == P:
                     break
-            if m == m_max:
+            if m >= m_max:
                 break
-            if beta <= 100 * eps * max(abs(a) for a in alphas):
-                # Invariant subspace found: continue from a fresh random direction orthogonal to it
-                # (a zero coupling in T), so eigenvalues the start vector missed are still found.
-                w = _random_block(P, 1, A, generator)[:, 0]
-                for _ in range(2):
-                    w = w - V @ (V.T @ w)
-                beta_next, q = 0.0, w / w.norm()
-            else:
-                beta_next, q = beta, w / beta
-            betas.append(beta_next)
-        if worst > tol and m < P:
-            warnings.warn(
-                f"top_eigenvalues(method='lanczos', which={which!r}): not converged after {m} products; "
-                f"largest relative residual {worst:.2e} > tol {tol:.1e}. Raise max_iter.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+            Q, coupling = _next_block(W, V, min(b, P - m, m_max - m), scale, generator, A)
+            T[m : m + Q.shape[0], m - rows : m] = coupling
+            T[m - rows : m, m : m + Q.shape[0]] = coupling.T
     finally:
         bar.close()
-    vectors = basis[:, :m] @ S[:, :k].to(A.dtype)
-    return theta[:k].to(A.dtype).to(A.device), _fix_signs(vectors)
+    converged = worst <= tol or m == P
+    if not converged:
+        name = "lanczos" if b == 1 else "block_lanczos"
+        warnings.warn(
+            f"top_eigenvalues(method={name!r}, which={which!r}): not converged after {m} products; "
+            f"largest relative residual {worst:.2e} > tol {tol:.1e}. Raise max_iter.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    vectors = (S.T.to(A.device, A.dtype) @ basis[:m]).T
+    info = EigenInfo("lanczos" if b == 1 else "block_lanczos", converged, m, (residual / theta_scale).tolist())
+    return theta.to(A.dtype).to(A.device), _fix_signs(vectors), info
 
 
 def spectral_radius(op, tol: float = 1e-4, max_iter: int | None = None, method: str = "lanczos", seed: int = 0,

@@ -93,17 +93,18 @@ class Hessian(CurvatureOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         K = V.shape[1]
         blocks = split_columns(V, self.params)
-        total = torch.zeros(self.num_params, K, dtype=self.dtype, device=self.device)
-        count = 0
+        total, count = None, 0
         for index, (x, y, n) in enumerate(self.data):
             weight = float(n) if self.loss_reduction == "mean" else 1.0
             if self.method == "double_backward":
                 hv = self._double_backward(index, x, y, blocks)
             else:
                 hv = self._forward_over_reverse(x, y, blocks)
-            total += weight * join_columns(hv, self.params, K)
+            # In place on join_columns' fresh output: no [P, K] temporaries per product.
+            hv = join_columns(hv, self.params, K)
+            total = hv.mul_(weight) if total is None else total.add_(hv, alpha=weight)
             count += n
-        return total / count
+        return total.div_(count)
 
     def _gradient_graph(self, index, x, y):
         versions = tuple(p._version for p in self.params)
@@ -124,15 +125,18 @@ class Hessian(CurvatureOperator):
         grads, live = self._gradient_graph(index, x, y)
         if not live:
             return [None] * len(self.params)
+        # One column: a plain backward; is_grads_batched's vmap costs ~1 extra gradient at K = 1.
+        single = blocks[0].shape[0] == 1
         with torch.enable_grad():
-            return torch.autograd.grad(
+            products = torch.autograd.grad(
                 [grads[i] for i in live],
                 self.params,
-                grad_outputs=[blocks[i] for i in live],
-                is_grads_batched=True,
+                grad_outputs=[blocks[i][0] if single else blocks[i] for i in live],
+                is_grads_batched=not single,
                 allow_unused=True,
                 retain_graph=self.cache_graph,
             )
+        return [p[None] if single and p is not None else p for p in products]
 
     def _forward_over_reverse(self, x, y, blocks):
         from torch.func import functional_call, grad, jvp, vmap

@@ -48,6 +48,35 @@ def _batch_loss(owner: str, loss: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def _gradient_and_direction(
+    owner: str, loss: torch.Tensor, params: list[torch.Tensor], keep_graph: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(grad L, H thetabar)`` per parameter tensor (both detached), H the Hessian of ``loss``: one
+    create_graph backward gives ``grad L``, one double backward through it gives the HVP.
+
+    ``keep_graph=True`` leaves the graph of ``loss`` intact for a later ``loss.backward()``.
+    Parameters that ``loss`` does not depend on get zeros."""
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    if all(g is None for g in grads):
+        raise ValueError(
+            f"{owner}: the loss does not depend on any of the model's parameters; pass the loss "
+            "computed from this model's output"
+        )
+    gradient = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    # A gradient that does not depend on the parameters (p unused, or entering only linearly) has no
+    # curvature through it; autograd refuses to differentiate it, so leave it out.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not live:
+        return gradient, [torch.zeros_like(p) for p in params]
+    # H thetabar = grad_theta (thetabar . grad L): the vector-Jacobian product of grad L with thetabar,
+    # without building the contraction's graph.
+    products = torch.autograd.grad(
+        [grads[i] for i in live], params, grad_outputs=[params[i].detach() for i in live],
+        retain_graph=keep_graph, allow_unused=True,
+    )
+    return gradient, [torch.zeros_like(p) if d is None else d.detach() for p, d in zip(params, products)]
+
+
 def hessian_parameter_product(
     owner: str, loss: torch.Tensor, params: list[torch.Tensor]
 ) -> list[torch.Tensor]:
@@ -56,29 +85,55 @@ def hessian_parameter_product(
     Leaves the graph of ``loss`` intact, so the caller can still run ``loss.backward()``.
     Parameters that ``loss`` does not depend on get zeros.
     """
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    contraction = None
-    for p, g in zip(params, grads):
-        if g is None or not g.requires_grad:
-            continue  # p does not enter the loss, or enters only linearly: no curvature through it
-        term = (g * p.detach()).sum()
-        contraction = term if contraction is None else contraction + term
-    if contraction is None:
-        if all(g is None for g in grads):
-            raise ValueError(
-                f"{owner}: the loss does not depend on any of the model's parameters; pass the loss "
-                "computed from this model's output"
-            )
-        return [torch.zeros_like(p) for p in params]
-    # retain_graph: the double-backward pass runs through the forward graph, which the caller's
-    # loss.backward() still needs.
-    products = torch.autograd.grad(contraction, params, retain_graph=True, allow_unused=True)
-    return [
-        torch.zeros_like(p) if d is None else d.detach() for p, d in zip(params, products)
-    ]
+    return _gradient_and_direction(owner, loss, params, keep_graph=True)[1]
 
 
-class Metric(Regularizer):
+class _HessianProductRegularizer(Regularizer):
+    """Shared by :class:`Metric` and :class:`SelectiveL2`: a penalty built from ``d = H thetabar``,
+    as a loss term (``reg(loss)``) or as the whole step (``reg.backward(loss)``)."""
+
+    owner = ""
+
+    # The penalty's value is value_factor * sum_j theta_j * (its gradient)_j: 1 for Metric, 1/2 for
+    # Selective L2 (a quadratic); backward() gets the value that way, from the gradients it needs anyway.
+    value_factor = 1.0
+
+    def _penalty_gradients(self, tensors, direction) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """The penalty's gradient per tensor (detached); records ``last_direction`` (and ``last_mask``)."""
+        raise NotImplementedError
+
+    def _penalty(self, tensors, penalty_gradients) -> torch.Tensor:  # pragma: no cover - abstract
+        """The penalty, differentiable in ``tensors``, given its gradients."""
+        raise NotImplementedError
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        loss = _batch_loss(self.owner, loss)
+        tensors = [p for _, p in self.params]
+        direction = hessian_parameter_product(self.owner, loss, tensors)
+        return self._penalty(tensors, self._penalty_gradients(tensors, direction))
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The whole step ``(loss + self(loss)).backward()`` for the model's parameters, without the
+        second backward of ``loss``: its gradient is taken from the create_graph backward that the HVP
+        needs anyway (one forward, one create_graph backward, one double backward per step). Gradients
+        accumulate into ``.grad`` as with any backward; the graph of ``loss`` is freed. Returns the
+        penalty value (detached)."""
+        loss = _batch_loss(self.owner, loss)
+        tensors = [p for _, p in self.params]
+        gradient, direction = _gradient_and_direction(self.owner, loss, tensors, keep_graph=False)
+        with torch.no_grad():
+            penalty_gradients = self._penalty_gradients(tensors, direction)
+            penalty = self.value_factor * sum(torch.vdot(p.reshape(-1), r.reshape(-1)) for p, r in zip(tensors, penalty_gradients))
+            torch._foreach_add_(gradient, penalty_gradients)
+            for p, total in zip(tensors, gradient):
+                if p.grad is None:
+                    p.grad = total
+                else:
+                    p.grad.add_(total)
+        return penalty
+
+
+class Metric(_HessianProductRegularizer):
     """Metric regularization (paper 002): update term ``lam * thetabar^T H`` (or ``lam * |thetabar^T H|``).
 
     ``reg(loss)``: ``loss`` is the batch loss (a scalar; per-example losses ``[B]`` are averaged
@@ -89,9 +144,12 @@ class Metric(Regularizer):
     ``lam * thetabar^T H thetabar`` (``lam * thetabar^T |H thetabar|``).
 
     Cost: one create_graph backward plus one double-backward pass per call, on top of the caller's
-    ``loss.backward()``. ``reg.last_direction`` holds the detached ``H thetabar`` of the last call
-    (before any absolute value), one tensor per parameter, aligned with ``reg.params``.
+    ``loss.backward()``; ``reg.backward(loss)`` does the whole step without that extra backward.
+    ``reg.last_direction`` holds the detached ``H thetabar`` of the last call (before any absolute
+    value), one tensor per parameter, aligned with ``reg.params``.
     """
+
+    owner = "Metric"
 
     def __init__(self, model: nn.Module, lam: float, absolute: bool = False):
         self.lam = check_coefficient("Metric", "lam", lam)
@@ -99,16 +157,15 @@ class Metric(Regularizer):
         self.params = trainable_parameters("Metric", model)
         self.last_direction: list[torch.Tensor] | None = None
 
-    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
-        loss = _batch_loss("Metric", loss)
-        tensors = [p for _, p in self.params]
-        direction = hessian_parameter_product("Metric", loss, tensors)
+    def _penalty_gradients(self, tensors, direction):
         self.last_direction = direction
-        terms = [(p * (d.abs() if self.absolute else d)).sum() for p, d in zip(tensors, direction)]
-        return self.lam * torch.stack(terms).sum()
+        return torch._foreach_mul(torch._foreach_abs(direction) if self.absolute else direction, self.lam)
+
+    def _penalty(self, tensors, penalty_gradients):
+        return torch.stack([(p * r).sum() for p, r in zip(tensors, penalty_gradients)]).sum()
 
 
-class SelectiveL2(Regularizer):
+class SelectiveL2(_HessianProductRegularizer):
     """Selective L2 (paper 002, Table 4.1): L2 only on the parameters that matter little to the metric.
 
     Parameter ``j`` of a parameter tensor is regularized when
@@ -119,9 +176,12 @@ class SelectiveL2(Regularizer):
 
     ``reg(loss)``: ``loss`` as for :class:`Metric`. Returns ``(lam / 2) * sum_j mask_j theta_j^2``,
     whose gradient is ``lam * mask * theta``, consistent with :class:`~fastcurv.regularizers.L2`.
+    ``reg.backward(loss)``: the whole step, as for :class:`Metric`.
     ``reg.last_mask`` (bool tensors aligned with ``reg.params``) and ``reg.last_direction`` hold the
     mask and ``H thetabar`` of the last call.
     """
+
+    owner = "SelectiveL2"
 
     def __init__(self, model: nn.Module, lam: float, omega: float):
         self.lam = check_coefficient("SelectiveL2", "lam", lam)
@@ -138,11 +198,13 @@ class SelectiveL2(Regularizer):
             return torch.zeros_like(direction, dtype=torch.bool)
         return magnitude < omega * magnitude.max()
 
-    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
-        loss = _batch_loss("SelectiveL2", loss)
-        tensors = [p for _, p in self.params]
-        direction = hessian_parameter_product("SelectiveL2", loss, tensors)
+    value_factor = 0.5
+
+    def _penalty_gradients(self, tensors, direction):
         masks = [self.mask_from_direction(d, self.omega) for d in direction]
         self.last_direction, self.last_mask = direction, masks
-        terms = [p.pow(2).masked_fill(~m, 0).sum() for p, m in zip(tensors, masks)]
-        return 0.5 * self.lam * torch.stack(terms).sum()
+        return [torch.where(m, p.detach(), 0).mul_(self.lam) for p, m in zip(tensors, masks)]
+
+    def _penalty(self, tensors, penalty_gradients):
+        masks = self.last_mask
+        return 0.5 * self.lam * torch.stack([p.pow(2).masked_fill(~m, 0).sum() for p, m in zip(tensors, masks)]).sum()

@@ -233,32 +233,54 @@ class SubBatch(Rule):
         return loss
 
 
-class Metric(Rule):
+class _HessianProductRule(Rule):
+    """Rules whose penalty needs ``H thetabar`` (Metric, Selective L2): the step is
+    ``reg.backward(per_example)``, which takes the data gradient from the create_graph backward the HVP
+    needs anyway (one forward, one create_graph backward, one double backward; nothing recomputed).
+
+    ``make_regularizer(model)`` builds the regularizer; ``hessian_regularizer(epoch)`` says which one
+    this epoch uses (``None``: fall back to :meth:`Rule.step` and :meth:`penalty`)."""
+
+    def make_regularizer(self, model):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bind(self, model, loss_fn, epochs):
+        super().bind(model, loss_fn, epochs)
+        self.reg = self.make_regularizer(model)
+        return self
+
+    def hessian_regularizer(self, epoch: int):
+        return self.reg
+
+    def step(self, x, y, optimizer, epoch, active=True):
+        reg = self.hessian_regularizer(epoch) if active else None
+        if reg is None:
+            return super().step(x, y, optimizer, epoch, active)
+        optimizer.zero_grad(set_to_none=True)
+        per_example = self.loss_fn(self.model(x), y)
+        loss = per_example.mean()
+        _check_finite_loss(loss, self.name, epoch)
+        reg.backward(per_example)
+        optimizer.step()
+        return loss.detach()
+
+
+class Metric(_HessianProductRule):
     name = "metric"
 
-    def bind(self, model, loss_fn, epochs):
+    def make_regularizer(self, model):
         from fastcurv.regularizers.metric import Metric as MetricRegularizer
 
-        super().bind(model, loss_fn, epochs)
-        self.reg = MetricRegularizer(model, self.hyper["lam"], absolute=self.hyper["absolute"])
-        return self
-
-    def penalty(self, per_example, x, y, epoch):
-        return self.reg(per_example)
+        return MetricRegularizer(model, self.hyper["lam"], absolute=self.hyper["absolute"])
 
 
-class SelectiveL2(Rule):
+class SelectiveL2(_HessianProductRule):
     name = "selective_l2"
 
-    def bind(self, model, loss_fn, epochs):
+    def make_regularizer(self, model):
         from fastcurv.regularizers.metric import SelectiveL2 as SelectiveL2Regularizer
 
-        super().bind(model, loss_fn, epochs)
-        self.reg = SelectiveL2Regularizer(model, self.hyper["lam"], self.hyper["omega"])
-        return self
-
-    def penalty(self, per_example, x, y, epoch):
-        return self.reg(per_example)
+        return SelectiveL2Regularizer(model, self.hyper.get("selective_lam", self.hyper["lam"]), self.hyper["omega"])
 
 
 class L2Stopped(Rule):
@@ -277,22 +299,13 @@ class L2Stopped(Rule):
         return self.l2() if epoch < self.hyper["tau"] else None
 
 
-class L2StoppedSelective(Rule):
+class L2StoppedSelective(SelectiveL2, L2Stopped):
     """L2 (``lam``) for epochs ``t < tau``, then Selective L2 (``selective_lam``) (paper 002, Table 4.1)."""
 
     name = "l2_stopped_selective"
 
-    def bind(self, model, loss_fn, epochs):
-        from fastcurv.regularizers.metric import SelectiveL2 as SelectiveL2Regularizer
-        from fastcurv.regularizers.norms import L2
-
-        super().bind(model, loss_fn, epochs)
-        self.l2 = L2(model, self.hyper["lam"])
-        self.selective = SelectiveL2Regularizer(model, self.hyper["selective_lam"], self.hyper["omega"])
-        return self
-
-    def penalty(self, per_example, x, y, epoch):
-        return self.l2() if epoch < self.hyper["tau"] else self.selective(per_example)
+    def hessian_regularizer(self, epoch):
+        return self.reg if epoch >= self.hyper["tau"] else None
 
 
 _CLASSES = {cls.name: cls for cls in (SGD, L2Rule, Curvature, Fisher, SubBatch, Metric, SelectiveL2,
