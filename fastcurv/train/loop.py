@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcurv.train.checkpoint import load_checkpoint, save_checkpoint
+from fastcurv.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastcurv.train.history import History
 from fastcurv.train.init import initialize
 from fastcurv.train.rules import NonFiniteError, Rule, make_rule
@@ -89,19 +89,39 @@ def parameter_norm(model: nn.Module) -> float:
         return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
 
 
+class DivergenceError(NonFiniteError):
+    """The training loss grew by orders of magnitude (see ``fit(divergence_factor=...)``): the run diverged
+    although every number is still finite."""
+
+
+_STOP_ADVICE = "stopping instead of training on garbage (lower the learning rate or the regularization strength)"
+
+
 def _check_finite_parameters(model: nn.Module, rule: str, epoch: int, step: int) -> None:
-    params = [p for p in model.parameters()]
+    params = [p for p in model.parameters() if p.numel()]
     if not params:
         return
     with torch.no_grad():
-        # One reduction and one sync for all tensors; inf/nan anywhere makes the total non-finite.
-        if torch.isfinite(torch.stack([p.detach().float().sum() for p in params]).sum()):
+        # One reduction and one sync for all tensors. max |p| propagates nan/inf and, unlike a sum, cannot
+        # overflow on finite values, so "non-finite" here always means a nan/inf parameter.
+        if torch.isfinite(torch.stack([p.detach().abs().amax().double() for p in params])).all():
             return
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()] or ["(sum overflow)"]
-    raise NonFiniteError(
-        f"rule {rule!r}: parameters became nan/inf at epoch {epoch}, step {step} (first bad: {bad[0]}); "
-        "stopping instead of training on garbage (lower the learning rate or the regularization strength)"
-    )
+        bad = next(n for n, p in model.named_parameters() if not torch.isfinite(p).all())
+    raise NonFiniteError(f"rule {rule!r}: parameters became nan/inf at epoch {epoch}, step {step} "
+                         f"(first bad: {bad}); {_STOP_ADVICE}")
+
+
+def _check_divergence(train_loss: float, best: float, untrained: float, factor: float | None, rule: str,
+                      epoch: int) -> None:
+    """Finite garbage: the epoch's training loss is ``factor`` times its best so far and above the untrained
+    model's loss. The second condition keeps a run that fitted to ~0 loss (hinge loss reaches exactly 0)
+    from tripping on a small rise."""
+    if factor is not None and train_loss > factor * best and train_loss > untrained:
+        raise DivergenceError(
+            f"rule {rule!r}: the training loss {train_loss:.4g} after epoch {epoch} is more than {factor:g}x its "
+            f"best so far ({best:.4g}) and above the untrained model's ({untrained:.4g}): the run diverged; "
+            f"{_STOP_ADVICE}. fit(divergence_factor=None) turns this check off"
+        )
 
 
 @torch.no_grad()
@@ -182,6 +202,7 @@ def fit(
     device: str | torch.device | None = None,
     model_spec: dict | None = None,
     stop_after: int | None = None,
+    divergence_factor: float | None = 100.0,
 ) -> History:
     """Train ``model`` in place with learning rule ``rule``; return the per-epoch :class:`History`.
 
@@ -221,9 +242,16 @@ def fit(
         model_spec: JSON-friendly description stored in the checkpoint so ``fastcurv sharpness`` can
             rebuild the model (the CLI passes ``{"dataset": ..., "activation": ..., "width": ...}``).
         stop_after: stop (after checkpointing) once this many epochs have finished, as if interrupted.
+        divergence_factor: stop with :class:`DivergenceError` when an epoch's training loss exceeds
+            ``divergence_factor`` times the best training loss so far (the untrained model's included)
+            *and* the untrained model's loss: a run whose numbers stay finite but whose loss grew by
+            orders of magnitude (e.g. a tanh model at lr 1e12). ``None`` turns the check off. Default
+            100: a run that trains normally never loses to its own untrained model.
 
     Raises:
         NonFiniteError: the loss or a parameter became nan/inf (the last checkpoint is kept).
+        DivergenceError: (a NonFiniteError) the run diverged with finite numbers, as above (the last
+            checkpoint is kept).
     """
     from fastcurv.data import Dataset
 
@@ -246,6 +274,11 @@ def fit(
         raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"fit: lr must be finite and > 0, got {lr}")
+    if divergence_factor is not None and not (divergence_factor > 1 and math.isfinite(divergence_factor)):
+        raise ValueError(f"fit: divergence_factor must be finite and > 1 (or None to turn the check off), "
+                         f"got {divergence_factor}")
+    if checkpoint is not None and os.path.isdir(checkpoint):  # found now, not after the first epoch
+        raise CheckpointError(f"fit: checkpoint path {os.fspath(checkpoint)!r} is a directory; give a file name")
 
     rule_obj = make_rule(rule, **(rule_options or {}))
     loss_name = resolve_loss(loss, task, rule_obj.name)
@@ -294,10 +327,13 @@ def fit(
         torch.set_rng_state(state["torch_rng_state"])
         history = History.from_list(state["history"])
         start_epoch = int(state["epoch"])
+        untrained_loss = float(state.get("untrained_train_loss", history[0]["train_loss"] if len(history) else math.inf))
     else:
         torch.manual_seed(seed)
         if init != "default":
             initialize(model, init, init_scale, generator=torch.Generator().manual_seed(seed))
+        untrained_loss = evaluate(model, x_train, y_train, loss_fn, task)[0]
+    best_loss = min([untrained_loss, *(r["train_loss"] for r in history)])
 
     n_train = x_train.shape[0]
     effective_batch = min(batch_size, n_train)
@@ -334,6 +370,8 @@ def fit(
             elapsed = time.perf_counter() - start
 
             train_loss, train_metric = evaluate(model, x_train, y_train, loss_fn, task)
+            _check_divergence(train_loss, best_loss, untrained_loss, divergence_factor, rule_obj.name, epoch)
+            best_loss = min(best_loss, train_loss)
             test_loss, test_metric = evaluate(model, x_test, y_test, loss_fn, task)
             metric = "accuracy" if task == "classification" else "error"
             record = {
@@ -352,7 +390,7 @@ def fit(
                     "model_state": model.state_dict(), "optimizer_state": opt.state_dict(),
                     "rule_state": rule_obj.state_dict(), "torch_rng_state": torch.get_rng_state(),
                     "history": history.to_list(), "epoch": epoch + 1, "epochs": int(epochs),
-                    "config": run_config, "model_spec": model_spec,
+                    "config": run_config, "model_spec": model_spec, "untrained_train_loss": untrained_loss,
                 })
             bar.update(1)
             bar.set_postfix(train_loss=f"{train_loss:.3g}", test=f"{test_metric:.3g}")
