@@ -21,7 +21,8 @@ LOSSES = ("auto", "cross_entropy", "mse", "hinge")
 OPTIMIZERS = ("sgd", "adam")
 # Keys of the run configuration that must match between a checkpoint and the run resuming it.
 _RESUME_KEYS = ("rule", "loss", "lr", "batch_size", "seed", "optimizer", "momentum", "schedule",
-                "regularize_after_first_drop", "track_eigenvalue", "track_fisher_trace", "curvature_samples")
+                "regularize_after_first_drop", "track_eigenvalue", "track_fisher_trace", "curvature_samples",
+                "measure_loss")
 
 
 def per_example_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -203,6 +204,7 @@ def fit(
     model_spec: dict | None = None,
     stop_after: int | None = None,
     divergence_factor: float | None = 100.0,
+    measure_loss: str | None = None,
 ) -> History:
     """Train ``model`` in place with learning rule ``rule``; return the per-epoch :class:`History`.
 
@@ -233,6 +235,11 @@ def fit(
             rule (paper 001 enables its regularizer only after the first drop).
         track_eigenvalue, track_fisher_trace: per epoch, measure the top Hessian eigenvalue of the data
             loss and the Fisher trace on the first ``curvature_samples`` training examples.
+        measure_loss: ``None`` (the training loss) or a loss name (``"cross_entropy"``, ``"mse"``...):
+            the loss whose Hessian ``top_eigenvalue`` measures, and, in records ``measure_train_loss``,
+            ``measure_test_loss`` and ``measure_gap``, the loss evaluated besides the training loss.
+            Runs trained on different losses (rule ``fisher`` on the hinge loss) are only comparable
+            on one common loss; ``fastcurv compare`` passes cross-entropy (MSE for regression).
         checkpoint: path written (atomically) at the end of every epoch.
         resume: continue from ``checkpoint`` when that file exists (fresh start otherwise); the run's
             configuration must match the checkpoint's. The resumed history equals an uninterrupted one
@@ -274,6 +281,8 @@ def fit(
         raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"fit: lr must be finite and > 0, got {lr}")
+    if int(curvature_samples) != curvature_samples or curvature_samples < 1:
+        raise ValueError(f"fit: curvature_samples must be an integer >= 1, got {curvature_samples}")
     if divergence_factor is not None and not (divergence_factor > 1 and math.isfinite(divergence_factor)):
         raise ValueError(f"fit: divergence_factor must be finite and > 1 (or None to turn the check off), "
                          f"got {divergence_factor}")
@@ -285,6 +294,9 @@ def fit(
     if task == "regression" and loss_name != "mse":
         raise ValueError(f"fit: rule {rule_obj.name!r} with a regression task needs loss 'mse'")
     loss_fn = per_example_loss(loss_name)
+    if measure_loss is not None and task == "regression" and measure_loss != "mse":
+        raise ValueError(f"fit: measure_loss {measure_loss!r} needs class labels; a regression task takes 'mse'")
+    measure_fn = loss_fn if measure_loss is None else per_example_loss(measure_loss)
     sched = make_schedule(lr, schedule)
     first_drop = sched.first_drop_epoch() if hasattr(sched, "first_drop_epoch") else None
     if regularize_after_first_drop and first_drop is None:
@@ -309,7 +321,7 @@ def fit(
         "momentum": float(momentum), "schedule": repr(sched), "init": init, "init_scale": float(init_scale),
         "regularize_after_first_drop": bool(regularize_after_first_drop), "task": task,
         "track_eigenvalue": bool(track_eigenvalue), "track_fisher_trace": bool(track_fisher_trace),
-        "curvature_samples": int(curvature_samples),
+        "curvature_samples": int(curvature_samples), "measure_loss": measure_loss,
     }
 
     history = History()
@@ -381,8 +393,13 @@ def fit(
                 "param_norm": parameter_norm(model),
                 "time_per_step": elapsed / max(steps_per_epoch, 1), "epoch_time": elapsed,
             }
+            if measure_loss is not None:
+                measured_train = evaluate(model, x_train, y_train, measure_fn, task)[0]
+                measured_test = evaluate(model, x_test, y_test, measure_fn, task)[0]
+                record.update(measure_train_loss=measured_train, measure_test_loss=measured_test,
+                              measure_gap=measured_test - measured_train)
             if track_eigenvalue or track_fisher_trace:
-                record.update(_curvature_record(model, curv_x, curv_y, loss_fn, track_eigenvalue,
+                record.update(_curvature_record(model, curv_x, curv_y, measure_fn, track_eigenvalue,
                                                 track_fisher_trace, seed, epoch))
             history.append(record)
             if checkpoint is not None:
