@@ -276,13 +276,15 @@ def _cmd_compare(args) -> int:
                           init=init_kind, init_scale=init_scale, track_eigenvalue=not args.no_eigenvalue,
                           checkpoint=ckpt, model_spec={**spec, "seed": seed}, measure_loss=common_loss, **fit_kwargs)
             results["rules"][rule]["runs"].append({"seed": seed, "history": history.to_list()})
-            if not args.quiet:
+            if not args.quiet and _rank() == 0:
                 last = history.last
                 metric = "test_accuracy" if data.task == "classification" else "test_error"
                 print(f"  seed {seed} {rule:<22} {metric} {last[metric]:.4f}  gap {last['gap']:+.4f} "
                       f"({results['rules'][rule]['training_loss']})", file=sys.stderr)
     task = results["dataset"]["task"]
     _summarize(results, rules, task)
+    if _rank() != 0:  # data-parallel run: rank 0 writes the outputs
+        return 0
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1, default=float)
     print(_table(results, rules, task))
@@ -408,8 +410,9 @@ def _cmd_train(args) -> int:
                   init=init_kind, init_scale=init_scale, track_eigenvalue=args.track_eigenvalue,
                   checkpoint=args.checkpoint, resume=args.resume, model_spec={**spec, "seed": args.seed},
                   **fit_kwargs)
-    for record in history:
-        print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
+    if _rank() == 0:
+        for record in history:
+            print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
     return 0
 
 
@@ -496,6 +499,24 @@ def _metrics_lines(model, x, y, loss_fn, task, logdet_subset: int, logdet_trials
     return lines
 
 
+def _rank() -> int:
+    from fastcurv.train.loop import distributed_rank_world
+
+    return distributed_rank_world()[0]
+
+
+def _join_torchrun(command: str) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), join the process group: ``compare`` and
+    ``train`` then train data-parallel (see :func:`fastcurv.train.fit`). gloo: the command trains on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or command not in ("compare", "train"):
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastcurv`` command; returns the exit status."""
     from fastcurv.train import NonFiniteError
@@ -509,14 +530,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     commands = {"compare": _cmd_compare, "train": _cmd_train, "sharpness": _cmd_sharpness}
+    joined = _join_torchrun(args.command)
+    # In a data-parallel run every process validates the same arguments: rank 0 reports for all.
+    prefix = f"fastcurv {args.command}" + (f" [rank {_rank()}]" if _rank() else "")
     try:
         return commands[args.command](args)
     except (UsageError, OSError, ImportError, ValueError) as err:  # OSError: unreadable/unwritable paths
-        print(f"fastcurv {args.command}: error: {err}", file=sys.stderr)
+        if _rank() == 0 or not isinstance(err, UsageError):
+            print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
-        print(f"fastcurv {args.command}: training diverged: {err}", file=sys.stderr)
+        print(f"{prefix}: training diverged: {err}", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

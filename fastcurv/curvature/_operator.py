@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 __all__ = ["CurvatureOperator", "as_operator", "resolve_params", "BatchSource", "check_fixed_function",
-           "ParameterSnapshot"]
+           "ParameterSnapshot", "refuse_fsdp"]
 
 
 class CurvatureOperator:
@@ -156,6 +156,7 @@ def check_fixed_function(model: nn.Module, allow_train_mode: bool, what: str, *,
     "matrix" would change between products. ``allow_train_mode=True`` accepts that knowingly.
     ``can_allow=False``: the caller has no ``allow_train_mode`` argument, so the message does not offer it.
     """
+    refuse_fsdp(model, what)
     if allow_train_mode:
         return
     for name, module in model.named_modules():
@@ -174,6 +175,32 @@ def check_fixed_function(model: nn.Module, allow_train_mode: bool, what: str, *,
             f"{what}: module {name or '<root>'!r} ({type(module).__name__}) is in train mode and {kind}, so "
             f"the result would not be a fixed function of the parameters. Call model.eval() first{remedy}."
         )
+
+
+def _fsdp_classes() -> tuple[type, ...]:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return ()
+    try:
+        from torch.distributed.fsdp import FSDPModule  # fully_shard (FSDP2), torch >= 2.6
+    except ImportError:
+        return (FullyShardedDataParallel,)
+    return (FullyShardedDataParallel, FSDPModule)
+
+
+def refuse_fsdp(model: nn.Module, what: str) -> None:
+    """FSDP (``FullyShardedDataParallel`` or ``fully_shard``) is not supported: the double backward that
+    curvature terms need fails on FSDP's unsharded parameters (checked with torch 2.13, gloo, CPU), so
+    refuse it with a clear error instead of a storage error from inside autograd. DDP works."""
+    classes = _fsdp_classes()
+    for name, module in model.named_modules():
+        if classes and isinstance(module, classes):
+            raise ValueError(
+                f"{what}: module {name or '<root>'!r} is wrapped by FSDP ({type(module).__name__}); FSDP is not "
+                f"supported (the double backward of curvature terms fails on FSDP's sharded parameters). Use "
+                f"DistributedDataParallel (see the README's 'Multi-GPU (DDP/FSDP)' section)."
+            )
 
 
 # ------------------------------------------------------------------------------ staleness

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcurv.curvature._operator import refuse_fsdp
 from fastcurv.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastcurv.train.history import History
 from fastcurv.train.init import initialize
@@ -82,6 +83,44 @@ def _make_optimizer(optimizer, params, lr: float, momentum: float) -> torch.opti
         return optimizer(params)
     raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}, an Optimizer, "
                      "or a callable params -> Optimizer")
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` when not running data-parallel."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _GradientAveraging:
+    """The optimizer the rules see in a data-parallel run: ``step()`` first averages the gradients over
+    all processes (one all-reduce of the flattened gradients), then steps.
+
+    Averaging in the optimizer rather than with a ``DistributedDataParallel`` wrapper covers every rule,
+    however it produces its gradients (``backward()``, ``autograd.grad``, written by hand), and leaves
+    the model unwrapped for the capture hooks and ``torch.func`` calls the rules make. A parameter
+    without a gradient on every process keeps ``grad = None``; one with a gradient on some processes
+    only counts zeros for the others, as DDP does.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list, world: int):
+        self.optimizer, self.params, self.world = optimizer, params, world
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        present = [p.grad is not None for p in self.params]
+        flat = torch.cat([*(p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self.params),
+                          torch.tensor(present, dtype=self.params[0].dtype, device=self.params[0].device)])
+        torch.distributed.all_reduce(flat)
+        counts = flat[-len(self.params):]
+        offset = 0
+        for p, count in zip(self.params, counts.tolist()):
+            average = flat[offset:offset + p.numel()].view_as(p) / self.world
+            offset += p.numel()
+            p.grad = average.to(p.dtype) if count > 0 else None
+        self.optimizer.step()
 
 
 def parameter_norm(model: nn.Module) -> float:
@@ -246,6 +285,16 @@ def fit(
             (apart from timings).
         progress: show a tqdm bar; default: only when stderr is a terminal.
         device: where to train (default: where ``model``'s parameters are).
+
+    Data-parallel training: when a ``torch.distributed`` process group is initialized (e.g. under
+    ``torchrun``), every process draws the same batches, trains on its equal share of each (the batch
+    size must be divisible by the number of processes), and gradients are averaged before each step;
+    rank 0's parameters are broadcast first and only rank 0 writes the checkpoint. For rules whose
+    penalty is a mean over examples (sgd, l2, curvature, metric, l2_stopped, fisher with
+    ``mode="per_example"``) this is the one-process run on the whole batch; for rules with a penalty
+    that is nonlinear in the batch (fisher ``mode="batch"``, subbatch, the selective-L2 masks) each
+    process computes its shard's penalty and the gradients are averaged, a different estimator (as
+    BatchNorm's per-GPU statistics are).
         model_spec: JSON-friendly description stored in the checkpoint so ``fastcurv sharpness`` can
             rebuild the model (the CLI passes ``{"dataset": ..., "activation": ..., "width": ...}``).
         stop_after: stop (after checkpointing) once this many epochs have finished, as if interrupted.
@@ -289,6 +338,7 @@ def fit(
     if checkpoint is not None and os.path.isdir(checkpoint):  # found now, not after the first epoch
         raise CheckpointError(f"fit: checkpoint path {os.fspath(checkpoint)!r} is a directory; give a file name")
 
+    refuse_fsdp(model, "fit")
     rule_obj = make_rule(rule, **(rule_options or {}))
     loss_name = resolve_loss(loss, task, rule_obj.name)
     if task == "regression" and loss_name != "mse":
@@ -350,9 +400,22 @@ def fit(
     n_train = x_train.shape[0]
     effective_batch = min(batch_size, n_train)
     steps_per_epoch = n_train // effective_batch
+    # Data-parallel (e.g. under torchrun): every process draws the same batches and trains on its equal
+    # share of each, and gradients are averaged before each step, so the run is the one-process run.
+    rank, world = distributed_rank_world()
+    step_optimizer = opt
+    if world > 1:
+        if effective_batch % world:
+            raise ValueError(f"fit: a data-parallel run over {world} processes needs a batch size divisible by "
+                             f"{world}, got {effective_batch}")
+        step_optimizer = _GradientAveraging(opt, params, world)
+        with torch.no_grad():  # start from rank 0's model, whatever each process built
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(tensor, 0)
+    local_batch = effective_batch // world
     curv_x, curv_y = x_train[:curvature_samples], y_train[:curvature_samples]
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = sys.stderr.isatty() and rank == 0
 
     from tqdm.auto import tqdm
 
@@ -371,9 +434,10 @@ def fit(
             model.train()
             start = time.perf_counter()
             for step in range(steps_per_epoch):
-                idx = order[step * effective_batch:(step + 1) * effective_batch]
+                start_of_share = step * effective_batch + rank * local_batch
+                idx = order[start_of_share:start_of_share + local_batch]
                 try:
-                    rule_obj.step(x_train[idx], y_train[idx], opt, epoch, active=active)
+                    rule_obj.step(x_train[idx], y_train[idx], step_optimizer, epoch, active=active)
                 except NonFiniteError as err:
                     raise NonFiniteError(f"{err} [epoch {epoch}, step {step}, lr {epoch_lr:g}]") from None
                 _check_finite_parameters(model, rule_obj.name, epoch, step)
@@ -402,7 +466,7 @@ def fit(
                 record.update(_curvature_record(model, curv_x, curv_y, measure_fn, track_eigenvalue,
                                                 track_fisher_trace, seed, epoch))
             history.append(record)
-            if checkpoint is not None:
+            if checkpoint is not None and rank == 0:
                 save_checkpoint(checkpoint, {
                     "model_state": model.state_dict(), "optimizer_state": opt.state_dict(),
                     "rule_state": rule_obj.state_dict(), "torch_rng_state": torch.get_rng_state(),
