@@ -437,3 +437,30 @@ def test_default_loss_per_task_and_rule():
         resolve_loss("cross_entropy", "regression", "sgd")
 
 
+
+
+def test_fit_with_model_compiled_in_place_matches_eager():
+    """model.compile() (in place) works with every part of fit, curvature rule and Hessian tracking included:
+    dynamo runs the hooked and double-backward parts eagerly, so the numbers are the eager ones."""
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    histories = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        if compiled:
+            model.compile()
+        history = fit(model, (x, y), (x, y), rule="curvature", epochs=2, batch_size=16, track_eigenvalue=True,
+                      progress=False)
+        histories.append([{k: v for k, v in r.items() if k not in ("time_per_step", "epoch_time")} for r in history])
+    assert histories[0] == histories[1]
+
+
+def test_torch_compile_wrapper_is_refused_clearly():
+    from fastcurv.curvature import Hessian
+
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    wrapped = torch.compile(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)))
+    with pytest.raises(ValueError, match=r"fit: the model is a torch.compile wrapper .* Call model.compile\(\) instead"):
+        fit(wrapped, (x, y), (x, y), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"Hessian: the model is a torch.compile wrapper"):
+        Hessian(wrapped, nn.functional.cross_entropy, (x, y))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 __all__ = ["CurvatureOperator", "as_operator", "resolve_params", "BatchSource", "check_fixed_function",
-           "ParameterSnapshot", "refuse_fsdp"]
+           "ParameterSnapshot", "refuse_wrappers"]
 
 
 class CurvatureOperator:
@@ -156,7 +156,7 @@ def check_fixed_function(model: nn.Module, allow_train_mode: bool, what: str, *,
     "matrix" would change between products. ``allow_train_mode=True`` accepts that knowingly.
     ``can_allow=False``: the caller has no ``allow_train_mode`` argument, so the message does not offer it.
     """
-    refuse_fsdp(model, what)
+    refuse_wrappers(model, what)
     if allow_train_mode:
         return
     for name, module in model.named_modules():
@@ -189,10 +189,23 @@ def _fsdp_classes() -> tuple[type, ...]:
     return (FullyShardedDataParallel, FSDPModule)
 
 
-def refuse_fsdp(model: nn.Module, what: str) -> None:
-    """FSDP (``FullyShardedDataParallel`` or ``fully_shard``) is not supported: the double backward that
-    curvature terms need fails on FSDP's unsharded parameters (checked with torch 2.13, gloo, CPU), so
-    refuse it with a clear error instead of a storage error from inside autograd. DDP works."""
+def refuse_wrappers(model: nn.Module, what: str) -> None:
+    """Refuse, with a clear error instead of one from deep inside autograd, the wrappers curvature code
+    cannot run through:
+
+    * a ``torch.compile(model)`` wrapper: its compiled backward has no double backward (Hessian products
+      fail on "donated buffers") and it hides the layers from the capture hooks. ``model.compile()``,
+      which compiles in place, works: dynamo runs the hooked and double-backward parts eagerly.
+    * FSDP (``FullyShardedDataParallel`` or ``fully_shard``): the double backward fails on FSDP's
+      unsharded parameters (checked with torch 2.13, gloo, CPU). DDP works.
+    """
+    compiled = getattr(torch, "_dynamo", None) and getattr(torch._dynamo.eval_frame, "OptimizedModule", None)
+    if compiled is not None and isinstance(model, compiled):
+        raise ValueError(
+            f"{what}: the model is a torch.compile wrapper ({type(model).__name__}); its compiled backward "
+            f"cannot be differentiated twice and it hides the layers from fastcurv's hooks. Call model.compile() "
+            f"instead (compiles in place and works), or pass the uncompiled model (model._orig_mod)."
+        )
     classes = _fsdp_classes()
     for name, module in model.named_modules():
         if classes and isinstance(module, classes):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcurv.curvature._operator import refuse_fsdp
+from fastcurv.curvature._operator import refuse_wrappers
 from fastcurv.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastcurv.train.history import History
 from fastcurv.train.init import initialize
@@ -338,7 +338,7 @@ def fit(
     if checkpoint is not None and os.path.isdir(checkpoint):  # found now, not after the first epoch
         raise CheckpointError(f"fit: checkpoint path {os.fspath(checkpoint)!r} is a directory; give a file name")
 
-    refuse_fsdp(model, "fit")
+    refuse_wrappers(model, "fit")
     rule_obj = make_rule(rule, **(rule_options or {}))
     loss_name = resolve_loss(loss, task, rule_obj.name)
     if task == "regression" and loss_name != "mse":
