@@ -137,13 +137,13 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr-drop", type=int, default=None,
-                   help="step halving lr0 * 0.5^ceil(t/lr_drop) (paper 000); default: constant lr")
+                   help="step halving lr0 * 0.5^ceil(t/lr_drop) (Fisher regularization paper, docs/METHODS.md section 4); default: constant lr")
     p.add_argument("--after-first-drop", action="store_true",
-                   help="plain SGD until the first LR drop, then the rule (paper 001); needs --lr-drop")
+                   help="plain SGD until the first LR drop, then the rule (Jia & Su 2020); needs --lr-drop")
     p.add_argument("--loss", default="auto", choices=("auto", "cross_entropy", "hinge", "mse"),
                    help="auto: cross-entropy (hinge for rule fisher) for classification, MSE for regression")
     p.add_argument("--init", default="default", choices=("default", "small", "large"),
-                   help="paper 002's initialization regime (default: PyTorch's)")
+                   help="Jarvis (2021)'s initialization regime (default: PyTorch's)")
     p.add_argument("--activation", default="tanh", choices=("tanh", "relu"))
     p.add_argument("--width", type=int, default=None, help="hidden width of the default model")
     p.add_argument("--curvature-samples", type=int, default=256,
@@ -483,7 +483,7 @@ def _metrics_lines(model, x, y, loss_fn, task, logdet_subset: int, logdet_trials
     rows = [("Hessian trace (Hutchinson, 64 probes)",
              lambda: f"{trace(Hessian(model, mean_loss, (x, y)), num_probes=64, progress=False):.6g}")]
     if task == "classification":
-        # Both are defined with the cross-entropy of the labels (papers 001, 003), whatever the training loss.
+        # Both are defined with the cross-entropy of the labels (Jia & Su 2020, Geng et al.; docs/METHODS.md sections 1-2), whatever the training loss.
         rows.append(("Fisher trace (cross-entropy)", lambda: f"{metrics.fisher_trace(model, x, y):.6g}"))
         rows.append((f"log-det metric (N'={subset}, {logdet_trials} trials)", logdet))
     else:

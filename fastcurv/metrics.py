@@ -1,4 +1,4 @@
-"""Flat-minima metrics, one call each: the four of Jia & Su (2020)'s comparison (paper 001, sec. 7) and
+"""Flat-minima metrics, one call each: the four of Jia & Su (2020)'s comparison (sec. 7; docs/METHODS.md section 2) and
 the empirical-Fisher trace.
 
 * :func:`fisher_logdet`: ``gamma_hat``, their metric (sec. 5.3, eq. 6): mean over random subsets of
@@ -6,7 +6,7 @@ the empirical-Fisher trace.
 * :func:`robustness`: ``(1/N) sum_i ||J_x f(x_i)||_F^2`` (Sokolic et al.'s input-Jacobian metric).
 * :func:`hessian_frobenius`: ``||H||_F^2`` of the loss Hessian (Wu et al.), estimated with Rademacher probes.
 * :func:`spectral_radius` / :func:`top_hessian_eigenvalue`: ``rho(H)`` / ``lambda_max(H)`` (Keskar et al.).
-* :func:`fisher_trace`: ``(1/N) sum_i ||grad l_i||^2`` (the empirical-Fisher trace, paper 003).
+* :func:`fisher_trace`: ``(1/N) sum_i ||grad l_i||^2`` (the empirical-Fisher trace, Geng et al.; docs/METHODS.md section 1).
 
 All are "lower is flatter". The paper evaluates the Hessian metrics on sampled subsets of the training
 set and averages; pass such a subset (or an iterable of batches) as ``data``.
@@ -186,7 +186,7 @@ def robustness(model: nn.Module, x: torch.Tensor, batch_size: int | None = None)
     (``is_grads_batched``): because examples do not interact in eval mode, the gradient of
     ``sum_i f_c(x_i)`` w.r.t. ``x`` holds every example's row ``c`` of its Jacobian at once. Cost is about
     ``C`` backward passes (vmapped), memory ``C`` times one input gradient; use ``batch_size`` to bound it.
-    (Paper 001 writes ``||J||_2^2``; this is the Frobenius form, as in Sokolic et al.'s regularizer.)
+    (Jia & Su (2020) write ``||J||_2^2``; this is the Frobenius form, as in Sokolic et al.'s regularizer.)
     """
     n = _check_inputs(model, x, "robustness")
     if not x.is_floating_point():
@@ -225,7 +225,7 @@ def hessian_frobenius(
     return_stderr: bool = False,
     allow_train_mode: bool = False,
 ):
-    """``||H||_F^2`` (the squared Frobenius norm, as in paper 001's comparison) of the Hessian of the mean
+    """``||H||_F^2`` (the squared Frobenius norm, as in Jia & Su (2020)'s comparison) of the Hessian of the mean
     loss over ``data`` (see :class:`fastcurv.curvature.Hessian`), estimated as ``E ||H z||^2`` over
     ``num_probes`` Rademacher probes. ``return_stderr=True`` also returns the estimate's standard error.
     ``allow_train_mode``: as for :class:`~fastcurv.curvature.Hessian`."""

@@ -47,7 +47,7 @@ def per_example_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.
 
 
 def resolve_loss(loss: str, task: str, rule_name: str) -> str:
-    """``"auto"``: cross-entropy for classification (multiclass hinge for rule ``fisher``, paper 000's
+    """``"auto"``: cross-entropy for classification (multiclass hinge for rule ``fisher``, the Fisher regularization
     deep SVM), MSE for regression."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
@@ -260,7 +260,7 @@ def fit(
         batch_size: examples per step; the training set is reshuffled each epoch from ``seed`` and the
             last incomplete batch is dropped (rule ``subbatch`` needs equal sub-batches), unless the
             whole set is smaller than ``batch_size`` (then one full batch per epoch).
-        schedule: ``None`` (constant lr), an int ``lr_drop`` for paper 000's step halving
+        schedule: ``None`` (constant lr), an int ``lr_drop`` for the Fisher regularization paper's step halving
             ``lr0 * 0.5 ** ceil(t / lr_drop)``, or a callable ``t -> lr`` (see :mod:`.schedules`).
         loss: ``"auto"`` (cross-entropy for classification, multiclass hinge for rule ``fisher``,
             MSE for regression), ``"cross_entropy"``, ``"hinge"`` or ``"mse"``. History losses (and
@@ -268,10 +268,10 @@ def fit(
         task: ``"classification"`` or ``"regression"``; inferred from a Dataset or from ``y``'s dtype.
         seed: seeds the initialization (when ``init`` is not ``"default"``), the batch order and the
             curvature measurements. Seed the model's construction yourself (``torch.manual_seed``).
-        init, init_scale: paper 002's regimes, see :func:`fastcurv.train.initialize` (applied only
+        init, init_scale: Jarvis (2021)'s regimes, see :func:`fastcurv.train.initialize` (applied only
             when starting fresh, not on resume).
         regularize_after_first_drop: run plain SGD steps until the schedule's first LR drop, then the
-            rule (paper 001 enables its regularizer only after the first drop).
+            rule (Jia & Su 2020 enable their regularizer only after the first drop).
         track_eigenvalue, track_fisher_trace: per epoch, measure the top Hessian eigenvalue of the data
             loss and the Fisher trace on the first ``curvature_samples`` training examples.
         measure_loss: ``None`` (the training loss) or a loss name (``"cross_entropy"``, ``"mse"``...):
