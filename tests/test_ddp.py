@@ -49,6 +49,17 @@ def regularized_gradients(model, x, y):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
+def _fit_metric_rule(model_seed):
+    """fastcurv.train.fit with rule metric (an HVP per step) on a small problem; the final parameters."""
+    from fastcurv.train import fit
+
+    torch.manual_seed(model_seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = batch("mlp", n=24)
+    fit(model, (x, y), (x, y), rule="metric", epochs=2, batch_size=8, lr=0.1, seed=3, progress=False)
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def _ddp_worker(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -58,6 +69,7 @@ def _ddp_worker(rank, init_file, out_file):
             x, y = batch(model_name)
             shard = slice(rank * x.shape[0] // WORLD, (rank + 1) * x.shape[0] // WORLD)
             results[model_name] = regularized_gradients(model, x[shard], y[shard])  # DDP averages over ranks
+        results["fit"] = _fit_metric_rule(rank)  # each rank builds a different model: rank 0's is broadcast
         if rank == 0:
             torch.save(results, out_file)
     finally:
@@ -80,6 +92,10 @@ def test_ddp_regularized_step_equals_one_process_on_the_whole_batch(tmp_path):
         x, y = batch(model_name)
         F.cross_entropy(plain_model(x), y).backward()
         assert not torch.allclose(plain_model[0].weight.grad, single[0])
+    # fit under a process group: rank 0's model broadcast, half of every batch per rank, gradients averaged
+    # before each step = one process training rank 0's model on the whole batches.
+    for got, want in zip(distributed["fit"], _fit_metric_rule(0)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def _fsdp_worker(rank, init_file, out_file):

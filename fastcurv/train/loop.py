@@ -394,8 +394,7 @@ def fit(
         torch.manual_seed(seed)
         if init != "default":
             initialize(model, init, init_scale, generator=torch.Generator().manual_seed(seed))
-        untrained_loss = evaluate(model, x_train, y_train, loss_fn, task)[0]
-    best_loss = min([untrained_loss, *(r["train_loss"] for r in history)])
+        untrained_loss = None
 
     n_train = x_train.shape[0]
     effective_batch = min(batch_size, n_train)
@@ -413,6 +412,9 @@ def fit(
             for tensor in [*model.parameters(), *model.buffers()]:
                 torch.distributed.broadcast(tensor, 0)
     local_batch = effective_batch // world
+    if untrained_loss is None:  # after the broadcast: every process must take the same divergence decisions
+        untrained_loss = evaluate(model, x_train, y_train, loss_fn, task)[0]
+    best_loss = min([untrained_loss, *(r["train_loss"] for r in history)])
     curv_x, curv_y = x_train[:curvature_samples], y_train[:curvature_samples]
     if progress is None:
         progress = sys.stderr.isatty() and rank == 0
