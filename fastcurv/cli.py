@@ -22,6 +22,8 @@ import torch
 COMPARE_RULES = "sgd,l2,curvature,fisher,subbatch,metric,selective_l2"
 COMPARE_EPOCHS = 20
 COMPARE_SEEDS = 3
+# The loss every rule's sharpness (top Hessian eigenvalue) and second gap are measured on in `compare`.
+COMMON_LOSS = {"classification": "cross_entropy", "regression": "mse"}
 
 # Generic flags -> (hyperparameter, rules it applies to). Rule-specific meanings differ (subbatch's
 # alpha is a perturbation size, fisher's beta an L2 weight), so each flag targets the rules below only;
@@ -98,9 +100,33 @@ def rule_options(rules: list[str], args) -> dict[str, dict]:
         if key not in DEFAULTS[rule]:
             valid = ", ".join(sorted(DEFAULTS[rule])) or "none"
             raise UsageError(f"--set {item!r}: rule {rule!r} has no hyperparameter {key!r}; valid: {valid}")
+        parsed = _parse_value(value)
+        _check_set_type(item, rule, key, parsed, DEFAULTS[rule][key])
         if rule in options:
-            options[rule][key] = _parse_value(value)
+            options[rule][key] = parsed
     return options
+
+
+def _check_set_type(item: str, rule: str, key: str, value, default) -> None:
+    """The value of ``--set rule.key=value`` must have the type of the hyperparameter's default."""
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "True or False"
+    elif isinstance(default, (int, float)) or default is None:  # None: tau, an epoch count (default: half)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = "a number" if default is not None else "an integer (or None)"
+        ok = ok or (default is None and value is None)
+    else:
+        ok, expected = isinstance(value, type(default)), f"a {type(default).__name__}"
+    if not ok:
+        raise UsageError(f"--set {item!r}: {rule}.{key} must be {expected} (default {default!r}), got {value!r}")
+
+
+def _option_flags(rule: str, args) -> list[str]:
+    """The command-line flags that set ``rule``'s hyperparameters, to name them in an error."""
+    flags = [f"--{flag} {getattr(args, flag)}" for flag, (_, targets) in FLAG_TARGETS.items()
+             if rule in targets and getattr(args, flag, None) is not None]
+    flags += [f"--set {item}" for item in (getattr(args, "set", None) or []) if item.split(".", 1)[0] == rule]
+    return flags
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -111,13 +137,13 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr-drop", type=int, default=None,
-                   help="step halving lr0 * 0.5^ceil(t/lr_drop) (paper 000); default: constant lr")
+                   help="step halving lr0 * 0.5^ceil(t/lr_drop) (Fisher regularization paper, docs/METHODS.md section 4); default: constant lr")
     p.add_argument("--after-first-drop", action="store_true",
-                   help="plain SGD until the first LR drop, then the rule (paper 001); needs --lr-drop")
+                   help="plain SGD until the first LR drop, then the rule (Jia & Su 2020); needs --lr-drop")
     p.add_argument("--loss", default="auto", choices=("auto", "cross_entropy", "hinge", "mse"),
                    help="auto: cross-entropy (hinge for rule fisher) for classification, MSE for regression")
     p.add_argument("--init", default="default", choices=("default", "small", "large"),
-                   help="paper 002's initialization regime (default: PyTorch's)")
+                   help="Jarvis (2021)'s initialization regime (default: PyTorch's)")
     p.add_argument("--activation", default="tanh", choices=("tanh", "relu"))
     p.add_argument("--width", type=int, default=None, help="hidden width of the default model")
     p.add_argument("--curvature-samples", type=int, default=256,
@@ -151,6 +177,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--checkpoint", required=True, help="checkpoint path (written every epoch)")
     tr.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    tr.add_argument("--overwrite", action="store_true", help="start over even if --checkpoint exists (replacing it)")
     tr.add_argument("--track-eigenvalue", action="store_true")
 
     sh = sub.add_parser("sharpness", help="curvature metrics of a checkpoint written by compare/train")
@@ -166,7 +193,25 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_training_args(args) -> None:
+    """Every numeric flag checked before anything trains, the error naming the flag."""
+    def require(ok: bool, flag: str, what: str, value) -> None:
+        if not ok:
+            raise UsageError(f"{flag} must be {what}, got {value}")
+
+    require(math.isfinite(args.lr) and args.lr > 0, "--lr", "finite and > 0", args.lr)
+    require(math.isfinite(args.momentum) and args.momentum >= 0, "--momentum", "finite and >= 0", args.momentum)
+    require(args.batch_size >= 1, "--batch-size", ">= 1", args.batch_size)
+    require(args.epochs >= 1, "--epochs", ">= 1", args.epochs)
+    require(args.curvature_samples >= 1, "--curvature-samples", ">= 1", args.curvature_samples)
+    if args.width is not None:
+        require(args.width >= 1, "--width", ">= 1", args.width)
+    if args.lr_drop is not None:
+        require(args.lr_drop >= 1, "--lr-drop", ">= 1 (epochs between halvings)", args.lr_drop)
+
+
 def _fit_kwargs(args) -> dict:
+    _check_training_args(args)
     if args.after_first_drop and args.lr_drop is None:
         raise UsageError("--after-first-drop needs --lr-drop (a schedule whose first drop it waits for)")
     return dict(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum if args.optimizer == "sgd" else 0.0,
@@ -203,12 +248,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _cmd_compare(args) -> int:
     from fastcurv.data import load
     from fastcurv.train import fit
+    from fastcurv.train.loop import resolve_loss
 
     dataset_name = _check_dataset(args.dataset)
     rules = _parse_rules(args.rules)
     options = rule_options(rules, args)
-    if args.seeds < 1 or args.epochs < 1:
-        raise UsageError(f"--seeds and --epochs must be >= 1, got {args.seeds} and {args.epochs}")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file; give a folder for results.json, plots and checkpoints")
     fit_kwargs = _fit_kwargs(args)
     init_kind, init_scale = _init_for(args)
     _check_rules_ready(rules, options, {"dataset": dataset_name, "activation": args.activation, "width": args.width}, args)
@@ -220,19 +268,27 @@ def _cmd_compare(args) -> int:
     for seed in range(args.seeds):
         data = load(dataset_name, seed=seed, data_dir=args.data_dir)
         results["dataset"] = data.metadata()
+        # One loss for every rule's sharpness and second gap: rules train on different losses (fisher on
+        # the hinge loss by default), and curvatures of different losses are not comparable.
+        common_loss = COMMON_LOSS[data.task]
+        results["sharpness_loss"] = common_loss
         for rule in rules:
+            results["rules"][rule]["training_loss"] = resolve_loss(args.loss, data.task, rule)
             model = _model_for(spec, seed)
             ckpt = os.path.join(args.out, "checkpoints", f"{rule}_seed{seed}.pt")
             history = fit(model, data, rule=rule, rule_options=options[rule], epochs=args.epochs, seed=seed,
                           init=init_kind, init_scale=init_scale, track_eigenvalue=not args.no_eigenvalue,
-                          checkpoint=ckpt, model_spec={**spec, "seed": seed}, **fit_kwargs)
+                          checkpoint=ckpt, model_spec={**spec, "seed": seed}, measure_loss=common_loss, **fit_kwargs)
             results["rules"][rule]["runs"].append({"seed": seed, "history": history.to_list()})
-            if not args.quiet:
+            if not args.quiet and _rank() == 0:
                 last = history.last
                 metric = "test_accuracy" if data.task == "classification" else "test_error"
-                print(f"  seed {seed} {rule:<22} {metric} {last[metric]:.4f}  gap {last['gap']:+.4f}", file=sys.stderr)
+                print(f"  seed {seed} {rule:<22} {metric} {last[metric]:.4f}  gap {last['gap']:+.4f} "
+                      f"({results['rules'][rule]['training_loss']})", file=sys.stderr)
     task = results["dataset"]["task"]
     _summarize(results, rules, task)
+    if _rank() != 0:  # data-parallel run: rank 0 writes the outputs
+        return 0
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1, default=float)
     print(_table(results, rules, task))
@@ -255,7 +311,8 @@ def _check_rules_ready(rules: list[str], options: dict, spec: dict, args) -> Non
         except ImportError as err:
             raise UsageError(f"rule {rule!r} is unavailable: {err}") from None
         except (TypeError, ValueError) as err:
-            raise UsageError(f"rule {rule!r}: {err}") from None
+            flags = _option_flags(rule, args)
+            raise UsageError(f"{' '.join(flags) + ': ' if flags else ''}rule {rule!r}: {err}") from None
 
 
 def _summarize(results: dict, rules: list[str], task: str) -> None:
@@ -272,7 +329,7 @@ def _summarize(results: dict, rules: list[str], task: str) -> None:
         runs = results["rules"][rule]["runs"]
         finals = [run["history"][-1] for run in runs]
         summary = {"relative_to": base, "time_per_step": mean_time(rule), "relative_time": mean_time(rule) / base_time}
-        for key in (metric, "gap", "top_eigenvalue", "param_norm", "train_loss", "test_loss"):
+        for key in (metric, "gap", "measure_gap", "top_eigenvalue", "param_norm", "train_loss", "test_loss"):
             mean, std = _mean_std([f.get(key, math.nan) for f in finals])
             summary[key] = {"mean": mean, "std": std}
         results["rules"][rule]["summary"] = summary
@@ -281,12 +338,18 @@ def _summarize(results: dict, rules: list[str], task: str) -> None:
 def _table(results: dict, rules: list[str], task: str) -> str:
     metric = "test_accuracy" if task == "classification" else "test_error"
     base = results["rules"][rules[0]]["summary"]["relative_to"]
-    header = f"{'rule':<22}{metric:>22}{'gap (test-train loss)':>26}{'top Hessian eig':>22}{'time/step vs ' + base:>20}"
+    common = results["sharpness_loss"]
+    columns = [("rule", 22), ("trained on", 15), (metric, 22), ("gap, training loss", 22),
+               (f"gap, {common}", 24), (f"top Hessian eig, {common}", 34), ("time/step vs " + base, 20)]
+    header = "".join(f"{name:<{width}}" if i < 2 else f"{name:>{width}}" for i, (name, width) in enumerate(columns))
     lines = [header, "-" * len(header)]
     for rule in rules:
         s = results["rules"][rule]["summary"]
-        cells = [f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in (metric, "gap", "top_eigenvalue")]
-        lines.append(f"{rule:<22}{cells[0]:>22}{cells[1]:>26}{cells[2]:>22}{s['relative_time']:>19.2f}x")
+        cells = [f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in (metric, "gap", "measure_gap", "top_eigenvalue")]
+        lines.append(f"{rule:<22}{results['rules'][rule]['training_loss']:<15}{cells[0]:>22}{cells[1]:>22}"
+                     f"{cells[2]:>24}{cells[3]:>34}{s['relative_time']:>19.2f}x")
+    lines.append(f"gap = test loss - train loss; 'training loss' is each rule's own (column 'trained on'), the "
+                 f"other gap and the eigenvalue are of the {common} for every rule.")
     return "\n".join(lines)
 
 
@@ -313,15 +376,16 @@ def _plots(results: dict, rules: list[str], task: str, out: str) -> list[str]:
             stats = [_mean_std([s[i] for s in series]) for i in range(len(epochs))]
             mean = [m for m, _ in stats]
             std = [s for _, s in stats]
-            ax.plot(epochs, mean, label=rule)
+            ax.plot(epochs, mean, label=f"{rule} (trained on {results['rules'][rule]['training_loss']})")
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
             drew = True
         plt.close(fig) if not drew else None
         if not drew:
             continue
         ax.set_xlabel("epoch")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.set_title(f"{results['dataset']['name']}: {key.replace('_', ' ')} (mean ± std over seeds)")
+        label = key.replace("_", " ") + (f" of the {results['sharpness_loss']}" if key == "top_eigenvalue" else "")
+        ax.set_ylabel(label)
+        ax.set_title(f"{results['dataset']['name']}: {label} (mean ± std over seeds)", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out, fname)
@@ -338,18 +402,40 @@ def _cmd_train(args) -> int:
     dataset_name = _check_dataset(args.dataset)
     if args.rule not in RULES:
         raise UsageError(f"unknown rule {args.rule!r}; valid rules: {', '.join(RULES)}")
-    options = rule_options([args.rule], args)[args.rule]
+    options = rule_options([args.rule], args)
+    fit_kwargs = _fit_kwargs(args)
     init_kind, init_scale = _init_for(args)
     spec = {"dataset": dataset_name, "activation": args.activation, "width": args.width}
+    _check_checkpoint_flag(args)
+    _check_rules_ready([args.rule], options, spec, args)
     data = load(dataset_name, seed=args.seed, data_dir=args.data_dir)
     model = _model_for(spec, args.seed)
-    history = fit(model, data, rule=args.rule, rule_options=options, epochs=args.epochs, seed=args.seed,
+    history = fit(model, data, rule=args.rule, rule_options=options[args.rule], epochs=args.epochs, seed=args.seed,
                   init=init_kind, init_scale=init_scale, track_eigenvalue=args.track_eigenvalue,
                   checkpoint=args.checkpoint, resume=args.resume, model_spec={**spec, "seed": args.seed},
-                  **_fit_kwargs(args))
-    for record in history:
-        print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
+                  **fit_kwargs)
+    if _rank() == 0:
+        for record in history:
+            print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
     return 0
+
+
+def _check_checkpoint_flag(args) -> None:
+    """--checkpoint must name a file we may write, and an existing one is continued (--resume) or replaced
+    (--overwrite), never overwritten silently."""
+    path = args.checkpoint
+    if os.path.isdir(path):
+        raise UsageError(f"--checkpoint {path!r} is a directory; give a file name such as {os.path.join(path, 'run.pt')!r}")
+    if os.path.exists(path) and not (args.resume or args.overwrite):
+        raise UsageError(f"--checkpoint {path!r} already exists; pass --resume to continue it or --overwrite to "
+                         "start over and replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--checkpoint {path!r}: cannot create its folder ({err.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--checkpoint {path!r}: folder {folder!r} is not writable")
 
 
 def _cmd_sharpness(args) -> int:
@@ -357,6 +443,10 @@ def _cmd_sharpness(args) -> int:
     from fastcurv.train import load_checkpoint, per_example_loss
     from fastcurv.train.loop import top_hessian_eigenvalue
 
+    for flag, value in (("--samples", args.samples), ("--logdet-subset", args.logdet_subset),
+                        ("--logdet-trials", args.logdet_trials)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
     state = load_checkpoint(args.checkpoint)
     spec = state.get("model_spec")
     if not spec or "dataset" not in spec:
@@ -397,7 +487,7 @@ def _metrics_lines(model, x, y, loss_fn, task, logdet_subset: int, logdet_trials
     rows = [("Hessian trace (Hutchinson, 64 probes)",
              lambda: f"{trace(Hessian(model, mean_loss, (x, y)), num_probes=64, progress=False):.6g}")]
     if task == "classification":
-        # Both are defined with the cross-entropy of the labels (papers 001, 003), whatever the training loss.
+        # Both are defined with the cross-entropy of the labels (Jia & Su 2020, Geng et al.; docs/METHODS.md sections 1-2), whatever the training loss.
         rows.append(("Fisher trace (cross-entropy)", lambda: f"{metrics.fisher_trace(model, x, y):.6g}"))
         rows.append((f"log-det metric (N'={subset}, {logdet_trials} trials)", logdet))
     else:
@@ -411,6 +501,24 @@ def _metrics_lines(model, x, y, loss_fn, task, logdet_subset: int, logdet_trials
             value = f"unavailable ({err})"
         lines.append(f"{label:<40}{value}")
     return lines
+
+
+def _rank() -> int:
+    from fastcurv.train.loop import distributed_rank_world
+
+    return distributed_rank_world()[0]
+
+
+def _join_torchrun(command: str) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), join the process group: ``compare`` and
+    ``train`` then train data-parallel (see :func:`fastcurv.train.fit`). gloo: the command trains on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or command not in ("compare", "train"):
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,14 +536,23 @@ def main(argv: list[str] | None = None) -> int:
     from fastcurv.reproduce.cli import run_command as _cmd_reproduce
 
     commands = {"compare": _cmd_compare, "train": _cmd_train, "sharpness": _cmd_sharpness, "reproduce": _cmd_reproduce}
+    joined = _join_torchrun(args.command)
+    # In a data-parallel run every process validates the same arguments: rank 0 reports for all.
+    prefix = f"fastcurv {args.command}" + (f" [rank {_rank()}]" if _rank() else "")
     try:
         return commands[args.command](args)
-    except (UsageError, FileNotFoundError, ImportError, ValueError) as err:
-        print(f"fastcurv {args.command}: error: {err}", file=sys.stderr)
+    except (UsageError, OSError, ImportError, ValueError) as err:  # OSError: unreadable/unwritable paths
+        if _rank() == 0 or not isinstance(err, UsageError):
+            print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
-        print(f"fastcurv {args.command}: training diverged: {err}", file=sys.stderr)
+        print(f"{prefix}: training diverged: {err}", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

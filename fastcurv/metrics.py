@@ -1,4 +1,4 @@
-"""Flat-minima metrics, one call each: the four of Jia & Su (2020)'s comparison (paper 001, sec. 7) and
+"""Flat-minima metrics, one call each: the four of Jia & Su (2020)'s comparison (sec. 7; docs/METHODS.md section 2) and
 the empirical-Fisher trace.
 
 * :func:`fisher_logdet`: ``gamma_hat``, their metric (sec. 5.3, eq. 6): mean over random subsets of
@@ -6,14 +6,12 @@ the empirical-Fisher trace.
 * :func:`robustness`: ``(1/N) sum_i ||J_x f(x_i)||_F^2`` (Sokolic et al.'s input-Jacobian metric).
 * :func:`hessian_frobenius`: ``||H||_F^2`` of the loss Hessian (Wu et al.), estimated with Rademacher probes.
 * :func:`spectral_radius` / :func:`top_hessian_eigenvalue`: ``rho(H)`` / ``lambda_max(H)`` (Keskar et al.).
-* :func:`fisher_trace`: ``(1/N) sum_i ||grad l_i||^2`` (the empirical-Fisher trace, paper 003).
+* :func:`fisher_trace`: ``(1/N) sum_i ||grad l_i||^2`` (the empirical-Fisher trace, Geng et al.; docs/METHODS.md section 1).
 
 All are "lower is flatter". The paper evaluates the Hessian metrics on sampled subsets of the training
 set and averages; pass such a subset (or an iterable of batches) as ``data``.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +52,9 @@ def _check_inputs(model: nn.Module, x: torch.Tensor, what: str) -> int:
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what}: expected inputs x with a non-empty batch dimension, got {shape}")
-    check_fixed_function(model, False, what)
+    # Per-example quantities are meaningless when examples interact (train-mode BatchNorm) or a random mask
+    # is drawn per call (dropout), so these metrics have no train-mode opt-in.
+    check_fixed_function(model, False, what, can_allow=False)
     return x.shape[0]
 
 
@@ -92,10 +92,13 @@ def fisher_logdet(
     Gram matrix of the per-example gradients of the cross-entropy ``l_i`` with the given labels (hard
     labels ``[N]``; soft or one-hot ``[N, C]`` are turned into their argmax), computed from captured
     activations and deltas (``cap.per_example_gram``), never the ``N' x P`` Jacobian. ``ln det`` is taken
-    with float64 ``slogdet``. The model must be in eval mode (no dropout, no batch statistics).
+    in float64 as the sum of the logarithms of ``G``'s eigenvalues. The model must be in eval mode (no dropout, no batch statistics).
 
     ``G`` is singular when ``subset_size > P`` or when per-example gradients are linearly dependent (e.g.
-    examples fitted to ~zero loss); this raises :class:`SingularGramError` unless ``jitter > 0``, which adds
+    examples fitted to ~zero loss, or duplicated examples). Singularity is decided by rank, relative to
+    ``G``'s scale and the precision it was computed in: an eigenvalue ``<= subset_size * eps * lambda_max``
+    counts as zero. It raises :class:`SingularGramError` (always when ``subset_size > P``) unless
+    ``jitter > 0``, which adds
     ``jitter * mean(diag G) * I`` before the determinant (a relative ridge; it biases ``gamma_hat``, so
     compare models only at equal ``jitter``).
     """
@@ -110,27 +113,50 @@ def fisher_logdet(
     from fastcurv.capture import capture
 
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if subset_size > num_params and jitter == 0:
+        raise SingularGramError(
+            f"fisher_logdet: subset_size = {subset_size} examples vs P = {num_params} parameters: the Gram "
+            f"matrix has rank <= P < subset_size, so it is singular for every subset. Use subset_size <= "
+            f"{num_params}, or pass jitter > 0 (adds jitter * mean(diag) * I)."
+        )
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for t in range(trials):
         idx = torch.randperm(n, generator=generator)[:subset_size].to(x.device)
         with capture(model) as cap:
             losses = _per_example_ce(model, x[idx], labels[idx], "fisher_logdet")
-            gram = cap.per_example_gram(losses).detach().double()
+            gram = cap.per_example_gram(losses).detach()
         _check_all_captured(cap, model, "fisher_logdet")
+        computed_in = gram.dtype
+        gram = gram.double()
         if jitter > 0:
             gram = gram + jitter * gram.diagonal().mean() * torch.eye(subset_size, dtype=gram.dtype, device=gram.device)
-        sign, logabsdet = torch.linalg.slogdet(gram)
-        if sign.item() <= 0 or not math.isfinite(logabsdet.item()):
-            raise SingularGramError(
-                f"fisher_logdet: the per-example-gradient Gram matrix of trial {t} is singular or not positive "
-                f"definite (sign {sign.item():g}, ln|det| {logabsdet.item():g}); subset_size = {subset_size} "
-                f"examples vs P = {num_params} parameters (rank <= min of the two), and examples with ~zero "
-                f"loss have ~zero gradients. Use a smaller subset_size, or pass jitter > 0 (adds "
-                f"jitter * mean(diag) * I)."
-            )
-        total += logabsdet.item()
+        total += _logdet_if_full_rank(gram, computed_in, t, subset_size, num_params)
     return total / trials
+
+
+def _logdet_if_full_rank(gram: torch.Tensor, computed_in: torch.dtype, trial: int, subset_size: int,
+                         num_params: int) -> float:
+    """``ln det gram`` from its eigenvalues, or :class:`SingularGramError` when it is numerically singular.
+
+    A Gram matrix is PSD; computed in ``computed_in`` it carries rounding errors of about
+    ``n * eps * lambda_max``, so an eigenvalue below that tolerance (the rule of ``numpy.linalg.matrix_rank``)
+    is indistinguishable from zero and its logarithm would be noise (e.g. -253 for an exactly singular
+    matrix, depending on rounding).
+    """
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    largest = eigenvalues[-1].item()
+    tolerance = subset_size * torch.finfo(computed_in).eps * max(largest, 0.0)
+    rank = int((eigenvalues > tolerance).sum())
+    if rank < subset_size or not largest > 0:
+        raise SingularGramError(
+            f"fisher_logdet: the per-example-gradient Gram matrix of trial {trial} is numerically singular "
+            f"(rank {rank} of {subset_size}: {subset_size - rank} eigenvalue(s) <= {tolerance:.3g} = n * eps("
+            f"{computed_in}) * lambda_max); subset_size = {subset_size} examples vs P = {num_params} parameters "
+            f"(rank <= min of the two), and examples with ~zero loss or duplicated examples give dependent "
+            f"gradients. Use a smaller subset_size, or pass jitter > 0 (adds jitter * mean(diag) * I)."
+        )
+    return eigenvalues.log().sum().item()
 
 
 def fisher_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
@@ -160,7 +186,7 @@ def robustness(model: nn.Module, x: torch.Tensor, batch_size: int | None = None)
     (``is_grads_batched``): because examples do not interact in eval mode, the gradient of
     ``sum_i f_c(x_i)`` w.r.t. ``x`` holds every example's row ``c`` of its Jacobian at once. Cost is about
     ``C`` backward passes (vmapped), memory ``C`` times one input gradient; use ``batch_size`` to bound it.
-    (Paper 001 writes ``||J||_2^2``; this is the Frobenius form, as in Sokolic et al.'s regularizer.)
+    (Jia & Su (2020) write ``||J||_2^2``; this is the Frobenius form, as in Sokolic et al.'s regularizer.)
     """
     n = _check_inputs(model, x, "robustness")
     if not x.is_floating_point():
@@ -197,26 +223,31 @@ def hessian_frobenius(
     params=None,
     probe_batch_size: int = 32,
     return_stderr: bool = False,
+    allow_train_mode: bool = False,
 ):
-    """``||H||_F^2`` (the squared Frobenius norm, as in paper 001's comparison) of the Hessian of the mean
+    """``||H||_F^2`` (the squared Frobenius norm, as in Jia & Su (2020)'s comparison) of the Hessian of the mean
     loss over ``data`` (see :class:`fastcurv.curvature.Hessian`), estimated as ``E ||H z||^2`` over
-    ``num_probes`` Rademacher probes. ``return_stderr=True`` also returns the estimate's standard error."""
-    H = curvature.Hessian(model, loss_fn, data, params)
+    ``num_probes`` Rademacher probes. ``return_stderr=True`` also returns the estimate's standard error.
+    ``allow_train_mode``: as for :class:`~fastcurv.curvature.Hessian`."""
+    H = curvature.Hessian(model, loss_fn, data, params, allow_train_mode=allow_train_mode)
     return curvature.frobenius_sq(H, num_probes=num_probes, seed=seed, probe_batch_size=probe_batch_size,
                                   return_stderr=return_stderr)
 
 
 def spectral_radius(model: nn.Module, loss_fn, data, tol: float = 1e-4, max_iter: int | None = None,
-                    method: str = "lanczos", seed: int = 0, params=None) -> float:
-    """``rho(H) = max |lambda(H)|`` of the Hessian of the mean loss over ``data`` (Lanczos by default)."""
-    H = curvature.Hessian(model, loss_fn, data, params)
+                    method: str = "lanczos", seed: int = 0, params=None, allow_train_mode: bool = False) -> float:
+    """``rho(H) = max |lambda(H)|`` of the Hessian of the mean loss over ``data`` (Lanczos by default);
+    ``allow_train_mode`` as for :class:`~fastcurv.curvature.Hessian`."""
+    H = curvature.Hessian(model, loss_fn, data, params, allow_train_mode=allow_train_mode)
     return curvature.spectral_radius(H, tol=tol, max_iter=max_iter, method=method, seed=seed)
 
 
 def top_hessian_eigenvalue(model: nn.Module, loss_fn, data, tol: float = 1e-4, max_iter: int | None = None,
-                           method: str = "lanczos", seed: int = 0, params=None) -> float:
+                           method: str = "lanczos", seed: int = 0, params=None,
+                           allow_train_mode: bool = False) -> float:
     """``lambda_max(H)``, the largest algebraic eigenvalue of the Hessian of the mean loss over ``data``
-    (equal to the spectral radius at a minimum, where ``H`` is positive semi-definite)."""
-    H = curvature.Hessian(model, loss_fn, data, params)
+    (equal to the spectral radius at a minimum, where ``H`` is positive semi-definite);
+    ``allow_train_mode`` as for :class:`~fastcurv.curvature.Hessian`."""
+    H = curvature.Hessian(model, loss_fn, data, params, allow_train_mode=allow_train_mode)
     values, _ = curvature.top_eigenvalues(H, k=1, tol=tol, max_iter=max_iter, which="LA", method=method, seed=seed)
     return values[0].item()

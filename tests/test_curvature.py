@@ -528,3 +528,51 @@ def test_hessian_cached_graph_matches_and_follows_parameter_updates():
         for p in model.parameters():
             p.mul_(1.5)  # in place: bumps the version counters the cache checks
     torch.testing.assert_close(H @ V, explicit_hessian(model, F.cross_entropy, [(x, y)]) @ V)
+
+
+# ------------------------------------------------------------------- stale caches (Hessian, Fisher)
+def _change_parameters(model, how):
+    """Every way a user changes parameters; the cached products must follow all of them."""
+    params = list(model.parameters())
+    if how == "optimizer_step":
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.optim.SGD(params, lr=0.5).step()
+    elif how == "data_assignment":
+        for p in params:
+            p.data = p.data * 1.5 + 0.1
+    elif how == "data_inplace":
+        for p in params:
+            p.data.add_(0.3 * torch.randn_like(p))  # .data has its own version counter: p._version is unchanged
+    elif how == "single_element_data":
+        params[0].data[0, 0] += 0.7
+    else:
+        raise AssertionError(how)
+
+
+UPDATES = ["optimizer_step", "data_assignment", "data_inplace", "single_element_data"]
+
+
+@pytest.mark.parametrize("how", UPDATES)
+def test_hessian_cache_follows_every_kind_of_parameter_change(how):
+    model = tanh_mlp("cpu")
+    x, y = inputs_for(model, 8, "cpu")
+    H = Hessian(model, F.cross_entropy, (x, y))
+    V = torch.randn(H.num_params, 3, dtype=DT)
+    H @ V  # fills the cache
+    _change_parameters(model, how)
+    torch.testing.assert_close(H @ V, explicit_hessian(model, F.cross_entropy, [(x, y)]) @ V)
+    torch.testing.assert_close(H @ V, explicit_hessian(model, F.cross_entropy, [(x, y)]) @ V)  # rebuilt cache reused
+
+
+@pytest.mark.parametrize("how", UPDATES)
+def test_empirical_fisher_cache_follows_every_kind_of_parameter_change(how):
+    model = tanh_mlp("cpu")
+    batches = [inputs_for(model, n, "cpu") for n in (5, 3)]
+    Fisher = EmpiricalFisher(model, F.cross_entropy, batches, cache=True)
+    V = torch.randn(Fisher.num_params, 2, dtype=DT)
+    torch.testing.assert_close(Fisher @ V, explicit_empirical_fisher(model, batches, F.cross_entropy) @ V)
+    _change_parameters(model, how)
+    expected = explicit_empirical_fisher(model, batches, F.cross_entropy) @ V
+    torch.testing.assert_close(Fisher @ V, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Fisher @ V, expected, rtol=1e-10, atol=1e-12)

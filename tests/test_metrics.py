@@ -137,6 +137,47 @@ def test_fisher_logdet_singular_gram_error_and_jitter():
     assert value == pytest.approx(_expected_logdet(model, x, y, 10, 2, 0, jitter=1e-3), rel=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_fisher_logdet_always_refuses_exactly_singular_grams(dtype):
+    """Singular Gram matrices must raise whatever rounding does: subset larger than P (rank <= P), and
+    duplicated examples (two equal rows). Before the rank test, rounding gave a finite log-det about half
+    the time (e.g. -253.4)."""
+    model = tanh_mlp(hidden=1, classes=2, d_in=1).to(dtype)  # P = 6
+    for seed in range(8):
+        x, y = torch.randn(12, 1, dtype=dtype), torch.randint(0, 2, (12,))
+        with pytest.raises(metrics.SingularGramError, match="subset_size = 10 examples vs P = 6"):
+            metrics.fisher_logdet(model, x, y, subset_size=10, trials=1, seed=seed)
+    wide = tanh_mlp(d_in=4, hidden=6, classes=3).to(dtype)  # P = 51 >> subset size
+    for seed in range(8):
+        x, y = torch.randn(3, 4, dtype=dtype), torch.randint(0, 3, (3,))
+        x, y = torch.cat([x, x[:1]]), torch.cat([y, y[:1]])  # example 3 duplicates example 0
+        with pytest.raises(metrics.SingularGramError, match=r"numerically singular \(rank 3 of 4"):
+            metrics.fisher_logdet(wide, x, y, subset_size=4, trials=1, seed=seed)
+        # Without the duplicate the same examples are fine (and match the explicit Gram in float64).
+        value = metrics.fisher_logdet(wide, x[:3], y[:3], subset_size=3, trials=1, seed=seed)
+        if dtype == DT:
+            assert value == pytest.approx(_expected_logdet(wide, x[:3], y[:3], 3, 1, seed), rel=1e-9)
+
+
+def test_train_mode_errors_offer_only_arguments_that_exist():
+    """Per-example metrics have no train-mode opt-in, so their error must not recommend one; the Hessian
+    metrics take allow_train_mode and pass it on."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 3)).to(DT)
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    for call in (lambda: metrics.fisher_trace(model, x, y), lambda: metrics.robustness(model, x),
+                 lambda: metrics.fisher_logdet(model, x, y, subset_size=2, trials=1)):
+        with pytest.raises(RuntimeError, match=r"Dropout\) is in train mode") as info:
+            call()
+        assert "allow_train_mode" not in str(info.value) and "model.eval()" in str(info.value)
+    for fn in (metrics.spectral_radius, metrics.top_hessian_eigenvalue):
+        with pytest.raises(RuntimeError, match="allow_train_mode=True"):
+            fn(model, F.cross_entropy, (x, y))
+    # With the opt-in the stochastic model is accepted (its "Hessian" then changes with each mask).
+    for fn in (metrics.spectral_radius, metrics.top_hessian_eigenvalue, metrics.hessian_frobenius):
+        value = fn(model, F.cross_entropy, (x, y), allow_train_mode=True, **({"num_probes": 4} if fn is metrics.hessian_frobenius else {"max_iter": 5}))
+        assert math.isfinite(value)
+
+
 def test_fisher_metrics_bad_input():
     model = tanh_mlp()
     x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))

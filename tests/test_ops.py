@@ -288,6 +288,15 @@ def test_bad_input_errors_name_the_op_and_shapes(op, backend, device):
             getattr(fastcurv.ops, op)(a, delta, backend=backend)
 
 
+@pytest.mark.parametrize("bias", ["no", 0, 1, None, torch.tensor(True)], ids=repr)
+@pytest.mark.parametrize("op", OPS)
+def test_bias_must_be_a_bool_for_every_backend(op, bias, backend, device):
+    """The C++ op rejected bias="no" while the reference took it as True: one check for all backends."""
+    a, delta = inputs(3, 1, 4, 2, device)
+    with pytest.raises(TypeError, match=rf"fastcurv\.ops\.{op}: `bias` must be True or False, got "):
+        getattr(fastcurv.ops, op)(a, delta, bias, backend=backend)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_compiled_op_checks_direct_calls(op, compiled_device):
     """torch.ops.fastcurv.* called directly (bypassing check_pair) still fails clearly."""

@@ -1,4 +1,5 @@
 """Trainers: one step of each rule against a hand-computed update, schedules, resume, NaN guard."""
+import io
 import math
 import os
 
@@ -8,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fastcurv.train import (
-    NonFiniteError, RULES, StepHalving, fit, initialize, load_checkpoint, make_rule, per_example_loss,
+    CheckpointError, DivergenceError, NonFiniteError, RULES, StepHalving, fit, initialize, load_checkpoint, make_rule, per_example_loss,
     save_checkpoint, step_halving_lr,
 )
 
@@ -257,8 +258,63 @@ def test_nan_guard_on_parameters():
     x = torch.rand(16, 3, dtype=torch.float64) * 1e3
     y = torch.randn(16, 3, dtype=torch.float64) * 1e3
     model = nn.Linear(3, 3).double()
-    with pytest.raises(NonFiniteError, match="parameters became nan/inf at epoch"):
-        fit(model, (x, y), (x, y), lr=1e3, epochs=50, batch_size=16, progress=False)
+    # float64 parameters pass 1e308 step by step; the loss guard (inf loss) or the parameter guard stops it.
+    with pytest.raises(NonFiniteError, match="(parameters became nan/inf|the training loss is inf) at epoch"):
+        fit(model, (x, y), (x, y), lr=1e3, epochs=50, batch_size=16, progress=False, divergence_factor=None)
+    # With the divergence guard on (the default) it stops at once, long before overflow.
+    with pytest.raises(DivergenceError, match="after epoch 0 is more than 100x"):
+        fit(nn.Linear(3, 3).double(), (x, y), (x, y), lr=1e3, epochs=50, batch_size=16, progress=False)
+
+
+def test_divergence_guard_stops_finite_garbage(tmp_path):
+    """A tanh model at lr 1e12 stays finite (tanh saturates) but its loss explodes: stop, keep no checkpoint."""
+    from fastcurv.data import default_model, load
+
+    digits = load("digits", seed=0)
+    data = ((digits.x_train[:256], digits.y_train[:256]), (digits.x_test[:64], digits.y_test[:64]))
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "diverged.pt")
+    with pytest.raises(DivergenceError, match=r"rule 'sgd': the training loss .* after epoch 0 is more than 100x its "
+                                              r"best so far .* above the untrained model's .*: the run diverged"):
+        fit(default_model(digits), *data, lr=1e12, epochs=3, checkpoint=ckpt, progress=False)
+    assert not os.path.exists(ckpt)
+    torch.manual_seed(0)  # the check can be turned off
+    history = fit(default_model(digits), *data, lr=1e12, epochs=1, progress=False, divergence_factor=None)
+    assert history[0]["train_loss"] > 1e6
+    with pytest.raises(ValueError, match="divergence_factor must be finite and > 1"):
+        fit(default_model(digits), *data, epochs=1, progress=False, divergence_factor=0.5)
+
+
+def test_divergence_guard_ignores_rises_below_the_untrained_loss():
+    from fastcurv.train.loop import _check_divergence
+
+    _check_divergence(0.5, best=0.0, untrained=0.69, factor=100.0, rule="fisher", epoch=3)  # hinge fitted to 0, then not
+    _check_divergence(1e9, best=1e-3, untrained=2.3, factor=None, rule="sgd", epoch=3)  # off
+    with pytest.raises(DivergenceError):
+        _check_divergence(0.7, best=0.0, untrained=0.69, factor=100.0, rule="fisher", epoch=3)
+
+
+def test_parameter_guard_names_only_real_nan_inf():
+    """Finite parameters whose float32 sum overflows were reported as nan/inf ("(sum overflow)")."""
+    from fastcurv.train.loop import _check_finite_parameters
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # finite; the sum of four is not
+    _check_finite_parameters(model, "sgd", 2, 5)
+    with torch.no_grad():
+        model[1].bias[1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"parameters became nan/inf at epoch 2, step 5 \(first bad: 1.bias\)"):
+        _check_finite_parameters(model, "sgd", 2, 5)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_normal_training_never_trips_the_divergence_guard(rule, tmp_path):
+    from fastcurv.data import default_model, load
+
+    data = load("xord", seed=0)
+    torch.manual_seed(0)
+    fit(default_model(data), data, rule=rule, lr=0.05, momentum=0.9, epochs=4, batch_size=8, progress=False)
 
 
 def test_bad_input_errors():
@@ -300,6 +356,60 @@ def test_checkpoint_is_atomic_and_checked(tmp_path):
         load_checkpoint(os.path.join(tmp_path, "missing.pt"))
 
 
+def _damaged_checkpoints(folder, good_path):
+    """(name, path) of every kind of damaged checkpoint: each must be refused with CheckpointError."""
+    raw = open(good_path, "rb").read()
+    cases = {"empty": b"", "truncated": raw[: len(raw) // 2], "garbage": bytes(range(256)) * 40}
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    cases["flipped byte"] = bytes(flipped)
+    paths = []
+    for name, content in cases.items():
+        path = os.path.join(folder, name.replace(" ", "_") + ".pt")
+        with open(path, "wb") as handle:
+            handle.write(content)
+        paths.append((name, path))
+    # A weight overwritten inside a well-formed file (the envelope re-saved, the checksum left as it was).
+    envelope = torch.load(good_path, weights_only=True)
+    state = torch.load(io.BytesIO(envelope["payload"]), weights_only=False)
+    first = next(iter(state["model_state"]))
+    state["model_state"][first].fill_(1e30)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = os.path.join(folder, "overwritten_weight.pt")
+    torch.save({**envelope, "payload": buffer.getvalue()}, path)
+    paths.append(("overwritten weight", path))
+    os.mkdir(os.path.join(folder, "a_directory.pt"))
+    paths.append(("directory", os.path.join(folder, "a_directory.pt")))
+    return paths
+
+
+def test_damaged_checkpoints_are_refused_clearly(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    train = (torch.randn(16, 2), torch.randint(0, 2, (16,)))
+    good = str(tmp_path / "good.pt")
+    fit(model, train, train, epochs=1, checkpoint=good, progress=False)
+    expected = {"empty": "is empty", "truncated": "cannot be read: truncated, corrupted",
+                "garbage": "cannot be read", "flipped byte": "cannot be read|is corrupted",
+                "overwritten weight": "is corrupted: its contents do not match the SHA-256 checksum",
+                "directory": "is a directory"}
+    for name, path in _damaged_checkpoints(str(tmp_path), good):
+        with pytest.raises(CheckpointError, match=expected[name]):
+            load_checkpoint(path)
+        with pytest.raises(CheckpointError, match=expected[name]):  # from fit(resume=True) too, before training
+            fit(model, train, train, epochs=2, checkpoint=path, resume=True, progress=False)
+
+
+def test_orphan_temp_files_of_a_killed_save_are_removed(tmp_path):
+    path = str(tmp_path / "run.pt")
+    orphan = tmp_path / ".run.pt.tmp-abc123.pt"  # what a kill during save_checkpoint(path) leaves
+    orphan.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".other.pt.tmp-abc123.pt"  # another checkpoint's save, possibly in progress: kept
+    other.write_bytes(b"x")
+    save_checkpoint(path, {"epoch": 1})
+    assert sorted(os.listdir(tmp_path)) == [".other.pt.tmp-abc123.pt", "run.pt"]
+
+
 def test_all_rules_listed():
     assert RULES == ("sgd", "l2", "curvature", "fisher", "subbatch", "metric", "selective_l2",
                      "l2_stopped", "l2_stopped_selective")
@@ -327,3 +437,30 @@ def test_default_loss_per_task_and_rule():
         resolve_loss("cross_entropy", "regression", "sgd")
 
 
+
+
+def test_fit_with_model_compiled_in_place_matches_eager():
+    """model.compile() (in place) works with every part of fit, curvature rule and Hessian tracking included:
+    dynamo runs the hooked and double-backward parts eagerly, so the numbers are the eager ones."""
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    histories = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        if compiled:
+            model.compile()
+        history = fit(model, (x, y), (x, y), rule="curvature", epochs=2, batch_size=16, track_eigenvalue=True,
+                      progress=False)
+        histories.append([{k: v for k, v in r.items() if k not in ("time_per_step", "epoch_time")} for r in history])
+    assert histories[0] == histories[1]
+
+
+def test_torch_compile_wrapper_is_refused_clearly():
+    from fastcurv.curvature import Hessian
+
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    wrapped = torch.compile(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)))
+    with pytest.raises(ValueError, match=r"fit: the model is a torch.compile wrapper .* Call model.compile\(\) instead"):
+        fit(wrapped, (x, y), (x, y), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"Hessian: the model is a torch.compile wrapper"):
+        Hessian(wrapped, nn.functional.cross_entropy, (x, y))

@@ -7,7 +7,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["CurvatureOperator", "as_operator", "resolve_params", "BatchSource", "check_fixed_function"]
+__all__ = ["CurvatureOperator", "as_operator", "resolve_params", "BatchSource", "check_fixed_function",
+           "ParameterSnapshot", "refuse_wrappers"]
 
 
 class CurvatureOperator:
@@ -147,13 +148,15 @@ _STOCHASTIC_IN_TRAIN = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn
 _BATCH_STATISTICS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def check_fixed_function(model: nn.Module, allow_train_mode: bool, what: str) -> None:
+def check_fixed_function(model: nn.Module, allow_train_mode: bool, what: str, *, can_allow: bool = True) -> None:
     """Refuse modules whose output in train mode is not a fixed function of the parameters.
 
     Dropout draws a new mask on every call, and BatchNorm in train mode normalizes with the batch's
     statistics (examples interact) and updates its running statistics on every product, so the
     "matrix" would change between products. ``allow_train_mode=True`` accepts that knowingly.
+    ``can_allow=False``: the caller has no ``allow_train_mode`` argument, so the message does not offer it.
     """
+    refuse_wrappers(model, what)
     if allow_train_mode:
         return
     for name, module in model.named_modules():
@@ -167,11 +170,75 @@ def check_fixed_function(model: nn.Module, allow_train_mode: bool, what: str) ->
             kind = "updates its running statistics on every product"
         else:
             continue
+        remedy = ", or pass allow_train_mode=True to accept this knowingly" if can_allow else ""
         raise RuntimeError(
             f"{what}: module {name or '<root>'!r} ({type(module).__name__}) is in train mode and {kind}, so "
-            f"the operator would not be a fixed matrix. Call model.eval() first, or pass allow_train_mode=True "
-            f"to accept this knowingly."
+            f"the result would not be a fixed function of the parameters. Call model.eval() first{remedy}."
         )
+
+
+def _fsdp_classes() -> tuple[type, ...]:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return ()
+    try:
+        from torch.distributed.fsdp import FSDPModule  # fully_shard (FSDP2), torch >= 2.6
+    except ImportError:
+        return (FullyShardedDataParallel,)
+    return (FullyShardedDataParallel, FSDPModule)
+
+
+def refuse_wrappers(model: nn.Module, what: str) -> None:
+    """Refuse, with a clear error instead of one from deep inside autograd, the wrappers curvature code
+    cannot run through:
+
+    * a ``torch.compile(model)`` wrapper: its compiled backward has no double backward (Hessian products
+      fail on "donated buffers") and it hides the layers from the capture hooks. ``model.compile()``,
+      which compiles in place, works: dynamo runs the hooked and double-backward parts eagerly.
+    * FSDP (``FullyShardedDataParallel`` or ``fully_shard``): the double backward fails on FSDP's
+      unsharded parameters (checked with torch 2.13, gloo, CPU). DDP works.
+    """
+    compiled = getattr(torch, "_dynamo", None) and getattr(torch._dynamo.eval_frame, "OptimizedModule", None)
+    if compiled is not None and isinstance(model, compiled):
+        raise ValueError(
+            f"{what}: the model is a torch.compile wrapper ({type(model).__name__}); its compiled backward "
+            f"cannot be differentiated twice and it hides the layers from fastcurv's hooks. Call model.compile() "
+            f"instead (compiles in place and works), or pass the uncompiled model (model._orig_mod)."
+        )
+    classes = _fsdp_classes()
+    for name, module in model.named_modules():
+        if classes and isinstance(module, classes):
+            raise ValueError(
+                f"{what}: module {name or '<root>'!r} is wrapped by FSDP ({type(module).__name__}); FSDP is not "
+                f"supported (the double backward of curvature terms fails on FSDP's sharded parameters). Use "
+                f"DistributedDataParallel (see the README's 'Multi-GPU (DDP/FSDP)' section)."
+            )
+
+
+# ------------------------------------------------------------------------------ staleness
+class ParameterSnapshot:
+    """Tells whether parameters changed in any way since the snapshot was taken.
+
+    Version counters catch ``optimizer.step()``, ``p.add_``, ``copy_`` and ``load_state_dict``, but not
+    ``p.data = t`` or ``p.data.add_(...)`` (``.data`` has its own version counter), so the snapshot also
+    keeps each parameter's storage address and a copy of its values. Comparing the copy costs one
+    read of the ``P`` parameters, far less than the product whose cached state it guards.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self._state = self._identity(params)
+        self._values = [p.detach().clone() for p in params]
+
+    @staticmethod
+    def _identity(params):
+        return [(p._version, p.data_ptr(), p.shape, p.dtype, p.device) for p in params]
+
+    def matches(self, params: Sequence[torch.Tensor]) -> bool:
+        if len(params) != len(self._values) or self._identity(params) != self._state:
+            return False
+        with torch.no_grad():
+            return all(torch.equal(p.detach(), v) for p, v in zip(params, self._values))
 
 
 # -------------------------------------------------------------------------------------- data

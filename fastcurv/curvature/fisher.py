@@ -13,6 +13,7 @@ from torch import nn
 from fastcurv.curvature._operator import (
     BatchSource,
     CurvatureOperator,
+    ParameterSnapshot,
     check_fixed_function,
     join_columns,
     resolve_params,
@@ -57,7 +58,9 @@ class EmpiricalFisher(CurvatureOperator):
     ``c = [g_i . v_k]`` (``layer.dot``, ``[B, K]``) and ``(F V)_layer = sum_i c_ik g_i``
     (``layer.weighted_grad_sum``). With ``cache=True`` the captures of every batch are kept after the
     first product, so later products do no forward or backward at all (memory: all activations and
-    deltas of ``data``).
+    deltas of ``data``). The cache is dropped and rebuilt when any parameter changed since it was
+    filled (``optimizer.step()``, in-place updates, ``.data`` assignment; see
+    :class:`~fastcurv.curvature._operator.ParameterSnapshot`).
 
     Every parameter in ``params`` must belong to a layer the capture layer supports; otherwise the
     first product raises (an unsupported layer's gradient would be silently missing).
@@ -83,6 +86,7 @@ class EmpiricalFisher(CurvatureOperator):
         self.data = BatchSource(data, self.device, "EmpiricalFisher")
         self.cache = cache
         self._cached: list | None = None
+        self._cached_snapshot: ParameterSnapshot | None = None  # the parameters the cache was filled at
         self._index = {id(p): i for i, p in enumerate(self.params)}
 
     def _losses(self, output, y, n: int) -> torch.Tensor:
@@ -97,12 +101,14 @@ class EmpiricalFisher(CurvatureOperator):
 
     def _captures(self):
         """Yields ``(layers, deltas)`` per batch: from the cache, or by a forward + backward."""
-        if self._cached is not None:
+        if self._cached is not None and self._cached_snapshot.matches(self.params):
             yield from self._cached
             return
+        self._cached = None  # stale (or never filled)
         from fastcurv.capture import capture
 
         kept = []
+        snapshot = ParameterSnapshot(self.params) if self.cache else None
         for x, y, n in self.data:
             with torch.enable_grad(), capture(self.model) as cap:
                 losses = self._losses(self.model(x), y, n)
@@ -113,7 +119,7 @@ class EmpiricalFisher(CurvatureOperator):
                 kept.append(item)
             yield item
         if self.cache:
-            self._cached = kept
+            self._cached, self._cached_snapshot = kept, snapshot
 
     def _check_coverage(self, cap) -> None:
         captured = {id(p) for _, p in cap.params}

@@ -9,6 +9,7 @@ from torch import nn
 from fastcurv.curvature._operator import (
     BatchSource,
     CurvatureOperator,
+    ParameterSnapshot,
     check_fixed_function,
     join_columns,
     resolve_params,
@@ -48,8 +49,10 @@ class Hessian(CurvatureOperator):
         cache_graph: ``"double_backward"`` only: keep each batch's ``create_graph`` gradient between
             products, so a product costs one (batched) backward instead of forward + two backwards, as
             iterative solvers need many products. Default: on for a single batch, off for several
-            (each kept graph holds that batch's activations). The cache is rebuilt when a parameter
-            is modified in place (its version counter changes, e.g. after ``optimizer.step()``).
+            (each kept graph holds that batch's activations). The cache is rebuilt whenever a
+            parameter changed in any way: in place (``optimizer.step()``, ``p.add_``, ``copy_``,
+            ``load_state_dict``) or through ``.data`` (``p.data = t``, ``p.data.add_(...)``); see
+            :class:`~fastcurv.curvature._operator.ParameterSnapshot`.
 
     ``H @ V`` takes ``V`` of shape ``[P, K]`` (or ``[P]``), matching ``H.dtype`` and ``H.device``, and
     returns the same shape. Each product makes one pass over ``data``.
@@ -80,7 +83,8 @@ class Hessian(CurvatureOperator):
         self.loss_reduction, self.method = loss_reduction, method
         self.data = BatchSource(data, self.device, "Hessian")
         self.cache_graph = (self.data.num_batches() == 1) if cache_graph is None else bool(cache_graph)
-        self._graphs: dict[int, tuple] = {}  # batch index -> (grads, live, parameter versions)
+        self._graphs: dict[int, tuple] = {}  # batch index -> (grads, live)
+        self._graphs_snapshot: ParameterSnapshot | None = None  # the parameters the graphs were built at
 
     # -------------------------------------------------------------------------------------------
     def _batch_loss(self, output, y) -> torch.Tensor:
@@ -91,6 +95,8 @@ class Hessian(CurvatureOperator):
         return loss.reshape(())
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self._graphs and not self._graphs_snapshot.matches(self.params):
+            self._graphs.clear()  # parameters changed since the graphs were built: they are stale
         K = V.shape[1]
         blocks = split_columns(V, self.params)
         total, count = None, 0
@@ -107,10 +113,9 @@ class Hessian(CurvatureOperator):
         return total.div_(count)
 
     def _gradient_graph(self, index, x, y):
-        versions = tuple(p._version for p in self.params)
         cached = self._graphs.get(index)
-        if cached is not None and cached[2] == versions:
-            return cached[0], cached[1]
+        if cached is not None:
+            return cached
         with torch.enable_grad():
             loss = self._batch_loss(self.model(x), y)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -118,7 +123,9 @@ class Hessian(CurvatureOperator):
         # zero Hessian row block; autograd refuses to differentiate it, so leave it out.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if self.cache_graph:
-            self._graphs[index] = (grads, live, versions)
+            if not self._graphs:
+                self._graphs_snapshot = ParameterSnapshot(self.params)
+            self._graphs[index] = (grads, live)
         return grads, live
 
     def _double_backward(self, index, x, y, blocks):

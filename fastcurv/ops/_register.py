@@ -115,6 +115,9 @@ def define_op(name: str, reference_forward: Callable, reference_backward: Callab
 
     def run(a: torch.Tensor, delta: torch.Tensor, bias: bool = True, *, backend: Optional[str] = "auto") -> torch.Tensor:
         a, delta = check_pair(name, a, delta)
+        # Checked here, once for every backend: the reference would take any truthy object as True.
+        if not isinstance(bias, bool):
+            raise TypeError(f"fastcurv.ops.{name}: `bias` must be True or False, got {bias!r} ({type(bias).__name__})")
         which = _backend.resolve(backend, a.device)
         if which == "reference" or a.numel() == 0 or delta.numel() == 0:
             return reference_forward(a, delta, bias)  # empty inputs: nothing for a kernel to do

@@ -14,7 +14,9 @@ class History:
     ``train_loss``, ``test_loss``, ``gap`` (test loss - train loss), ``train_accuracy`` /
     ``test_accuracy`` (classification) or ``train_error`` / ``test_error`` (regression, the MSE),
     ``param_norm`` (L2 norm of all parameters), ``time_per_step`` (seconds), ``epoch_time`` and, when
-    asked for, ``top_eigenvalue`` and ``fisher_trace``.
+    asked for, ``top_eigenvalue`` and ``fisher_trace``, and with ``fit(measure_loss=...)``
+    ``measure_train_loss``, ``measure_test_loss`` and ``measure_gap`` (that loss; ``top_eigenvalue`` is
+    then of that loss too).
     """
 
     def __init__(self, records: list[dict] | None = None):

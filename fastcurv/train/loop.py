@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcurv.train.checkpoint import load_checkpoint, save_checkpoint
+from fastcurv.curvature._operator import refuse_wrappers
+from fastcurv.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastcurv.train.history import History
 from fastcurv.train.init import initialize
 from fastcurv.train.rules import NonFiniteError, Rule, make_rule
@@ -21,7 +22,8 @@ LOSSES = ("auto", "cross_entropy", "mse", "hinge")
 OPTIMIZERS = ("sgd", "adam")
 # Keys of the run configuration that must match between a checkpoint and the run resuming it.
 _RESUME_KEYS = ("rule", "loss", "lr", "batch_size", "seed", "optimizer", "momentum", "schedule",
-                "regularize_after_first_drop", "track_eigenvalue", "track_fisher_trace", "curvature_samples")
+                "regularize_after_first_drop", "track_eigenvalue", "track_fisher_trace", "curvature_samples",
+                "measure_loss")
 
 
 def per_example_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -45,7 +47,7 @@ def per_example_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.
 
 
 def resolve_loss(loss: str, task: str, rule_name: str) -> str:
-    """``"auto"``: cross-entropy for classification (multiclass hinge for rule ``fisher``, paper 000's
+    """``"auto"``: cross-entropy for classification (multiclass hinge for rule ``fisher``, the Fisher regularization
     deep SVM), MSE for regression."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
@@ -83,25 +85,83 @@ def _make_optimizer(optimizer, params, lr: float, momentum: float) -> torch.opti
                      "or a callable params -> Optimizer")
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` when not running data-parallel."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _GradientAveraging:
+    """The optimizer the rules see in a data-parallel run: ``step()`` first averages the gradients over
+    all processes (one all-reduce of the flattened gradients), then steps.
+
+    Averaging in the optimizer rather than with a ``DistributedDataParallel`` wrapper covers every rule,
+    however it produces its gradients (``backward()``, ``autograd.grad``, written by hand), and leaves
+    the model unwrapped for the capture hooks and ``torch.func`` calls the rules make. A parameter
+    without a gradient on every process keeps ``grad = None``; one with a gradient on some processes
+    only counts zeros for the others, as DDP does.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list, world: int):
+        self.optimizer, self.params, self.world = optimizer, params, world
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        present = [p.grad is not None for p in self.params]
+        flat = torch.cat([*(p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self.params),
+                          torch.tensor(present, dtype=self.params[0].dtype, device=self.params[0].device)])
+        torch.distributed.all_reduce(flat)
+        counts = flat[-len(self.params):]
+        offset = 0
+        for p, count in zip(self.params, counts.tolist()):
+            average = flat[offset:offset + p.numel()].view_as(p) / self.world
+            offset += p.numel()
+            p.grad = average.to(p.dtype) if count > 0 else None
+        self.optimizer.step()
+
+
 def parameter_norm(model: nn.Module) -> float:
     """L2 norm of all parameters (in float64)."""
     with torch.no_grad():
         return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
 
 
+class DivergenceError(NonFiniteError):
+    """The training loss grew by orders of magnitude (see ``fit(divergence_factor=...)``): the run diverged
+    although every number is still finite."""
+
+
+_STOP_ADVICE = "stopping instead of training on garbage (lower the learning rate or the regularization strength)"
+
+
 def _check_finite_parameters(model: nn.Module, rule: str, epoch: int, step: int) -> None:
-    params = [p for p in model.parameters()]
+    params = [p for p in model.parameters() if p.numel()]
     if not params:
         return
     with torch.no_grad():
-        # One reduction and one sync for all tensors; inf/nan anywhere makes the total non-finite.
-        if torch.isfinite(torch.stack([p.detach().float().sum() for p in params]).sum()):
+        # One reduction and one sync for all tensors. max |p| propagates nan/inf and, unlike a sum, cannot
+        # overflow on finite values, so "non-finite" here always means a nan/inf parameter.
+        if torch.isfinite(torch.stack([p.detach().abs().amax().double() for p in params])).all():
             return
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()] or ["(sum overflow)"]
-    raise NonFiniteError(
-        f"rule {rule!r}: parameters became nan/inf at epoch {epoch}, step {step} (first bad: {bad[0]}); "
-        "stopping instead of training on garbage (lower the learning rate or the regularization strength)"
-    )
+        bad = next(n for n, p in model.named_parameters() if not torch.isfinite(p).all())
+    raise NonFiniteError(f"rule {rule!r}: parameters became nan/inf at epoch {epoch}, step {step} "
+                         f"(first bad: {bad}); {_STOP_ADVICE}")
+
+
+def _check_divergence(train_loss: float, best: float, untrained: float, factor: float | None, rule: str,
+                      epoch: int) -> None:
+    """Finite garbage: the epoch's training loss is ``factor`` times its best so far and above the untrained
+    model's loss. The second condition keeps a run that fitted to ~0 loss (hinge loss reaches exactly 0)
+    from tripping on a small rise."""
+    if factor is not None and train_loss > factor * best and train_loss > untrained:
+        raise DivergenceError(
+            f"rule {rule!r}: the training loss {train_loss:.4g} after epoch {epoch} is more than {factor:g}x its "
+            f"best so far ({best:.4g}) and above the untrained model's ({untrained:.4g}): the run diverged; "
+            f"{_STOP_ADVICE}. fit(divergence_factor=None) turns this check off"
+        )
 
 
 @torch.no_grad()
@@ -182,6 +242,8 @@ def fit(
     device: str | torch.device | None = None,
     model_spec: dict | None = None,
     stop_after: int | None = None,
+    divergence_factor: float | None = 100.0,
+    measure_loss: str | None = None,
 ) -> History:
     """Train ``model`` in place with learning rule ``rule``; return the per-epoch :class:`History`.
 
@@ -198,7 +260,7 @@ def fit(
         batch_size: examples per step; the training set is reshuffled each epoch from ``seed`` and the
             last incomplete batch is dropped (rule ``subbatch`` needs equal sub-batches), unless the
             whole set is smaller than ``batch_size`` (then one full batch per epoch).
-        schedule: ``None`` (constant lr), an int ``lr_drop`` for paper 000's step halving
+        schedule: ``None`` (constant lr), an int ``lr_drop`` for the Fisher regularization paper's step halving
             ``lr0 * 0.5 ** ceil(t / lr_drop)``, or a callable ``t -> lr`` (see :mod:`.schedules`).
         loss: ``"auto"`` (cross-entropy for classification, multiclass hinge for rule ``fisher``,
             MSE for regression), ``"cross_entropy"``, ``"hinge"`` or ``"mse"``. History losses (and
@@ -206,24 +268,46 @@ def fit(
         task: ``"classification"`` or ``"regression"``; inferred from a Dataset or from ``y``'s dtype.
         seed: seeds the initialization (when ``init`` is not ``"default"``), the batch order and the
             curvature measurements. Seed the model's construction yourself (``torch.manual_seed``).
-        init, init_scale: paper 002's regimes, see :func:`fastcurv.train.initialize` (applied only
+        init, init_scale: Jarvis (2021)'s regimes, see :func:`fastcurv.train.initialize` (applied only
             when starting fresh, not on resume).
         regularize_after_first_drop: run plain SGD steps until the schedule's first LR drop, then the
-            rule (paper 001 enables its regularizer only after the first drop).
+            rule (Jia & Su 2020 enable their regularizer only after the first drop).
         track_eigenvalue, track_fisher_trace: per epoch, measure the top Hessian eigenvalue of the data
             loss and the Fisher trace on the first ``curvature_samples`` training examples.
+        measure_loss: ``None`` (the training loss) or a loss name (``"cross_entropy"``, ``"mse"``...):
+            the loss whose Hessian ``top_eigenvalue`` measures, and, in records ``measure_train_loss``,
+            ``measure_test_loss`` and ``measure_gap``, the loss evaluated besides the training loss.
+            Runs trained on different losses (rule ``fisher`` on the hinge loss) are only comparable
+            on one common loss; ``fastcurv compare`` passes cross-entropy (MSE for regression).
         checkpoint: path written (atomically) at the end of every epoch.
         resume: continue from ``checkpoint`` when that file exists (fresh start otherwise); the run's
             configuration must match the checkpoint's. The resumed history equals an uninterrupted one
             (apart from timings).
         progress: show a tqdm bar; default: only when stderr is a terminal.
         device: where to train (default: where ``model``'s parameters are).
+
+    Data-parallel training: when a ``torch.distributed`` process group is initialized (e.g. under
+    ``torchrun``), every process draws the same batches, trains on its equal share of each (the batch
+    size must be divisible by the number of processes), and gradients are averaged before each step;
+    rank 0's parameters are broadcast first and only rank 0 writes the checkpoint. For rules whose
+    penalty is a mean over examples (sgd, l2, curvature, metric, l2_stopped, fisher with
+    ``mode="per_example"``) this is the one-process run on the whole batch; for rules with a penalty
+    that is nonlinear in the batch (fisher ``mode="batch"``, subbatch, the selective-L2 masks) each
+    process computes its shard's penalty and the gradients are averaged, a different estimator (as
+    BatchNorm's per-GPU statistics are).
         model_spec: JSON-friendly description stored in the checkpoint so ``fastcurv sharpness`` can
             rebuild the model (the CLI passes ``{"dataset": ..., "activation": ..., "width": ...}``).
         stop_after: stop (after checkpointing) once this many epochs have finished, as if interrupted.
+        divergence_factor: stop with :class:`DivergenceError` when an epoch's training loss exceeds
+            ``divergence_factor`` times the best training loss so far (the untrained model's included)
+            *and* the untrained model's loss: a run whose numbers stay finite but whose loss grew by
+            orders of magnitude (e.g. a tanh model at lr 1e12). ``None`` turns the check off. Default
+            100: a run that trains normally never loses to its own untrained model.
 
     Raises:
         NonFiniteError: the loss or a parameter became nan/inf (the last checkpoint is kept).
+        DivergenceError: (a NonFiniteError) the run diverged with finite numbers, as above (the last
+            checkpoint is kept).
     """
     from fastcurv.data import Dataset
 
@@ -246,12 +330,23 @@ def fit(
         raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"fit: lr must be finite and > 0, got {lr}")
+    if int(curvature_samples) != curvature_samples or curvature_samples < 1:
+        raise ValueError(f"fit: curvature_samples must be an integer >= 1, got {curvature_samples}")
+    if divergence_factor is not None and not (divergence_factor > 1 and math.isfinite(divergence_factor)):
+        raise ValueError(f"fit: divergence_factor must be finite and > 1 (or None to turn the check off), "
+                         f"got {divergence_factor}")
+    if checkpoint is not None and os.path.isdir(checkpoint):  # found now, not after the first epoch
+        raise CheckpointError(f"fit: checkpoint path {os.fspath(checkpoint)!r} is a directory; give a file name")
 
+    refuse_wrappers(model, "fit")
     rule_obj = make_rule(rule, **(rule_options or {}))
     loss_name = resolve_loss(loss, task, rule_obj.name)
     if task == "regression" and loss_name != "mse":
         raise ValueError(f"fit: rule {rule_obj.name!r} with a regression task needs loss 'mse'")
     loss_fn = per_example_loss(loss_name)
+    if measure_loss is not None and task == "regression" and measure_loss != "mse":
+        raise ValueError(f"fit: measure_loss {measure_loss!r} needs class labels; a regression task takes 'mse'")
+    measure_fn = loss_fn if measure_loss is None else per_example_loss(measure_loss)
     sched = make_schedule(lr, schedule)
     first_drop = sched.first_drop_epoch() if hasattr(sched, "first_drop_epoch") else None
     if regularize_after_first_drop and first_drop is None:
@@ -276,7 +371,7 @@ def fit(
         "momentum": float(momentum), "schedule": repr(sched), "init": init, "init_scale": float(init_scale),
         "regularize_after_first_drop": bool(regularize_after_first_drop), "task": task,
         "track_eigenvalue": bool(track_eigenvalue), "track_fisher_trace": bool(track_fisher_trace),
-        "curvature_samples": int(curvature_samples),
+        "curvature_samples": int(curvature_samples), "measure_loss": measure_loss,
     }
 
     history = History()
@@ -294,17 +389,35 @@ def fit(
         torch.set_rng_state(state["torch_rng_state"])
         history = History.from_list(state["history"])
         start_epoch = int(state["epoch"])
+        untrained_loss = float(state.get("untrained_train_loss", history[0]["train_loss"] if len(history) else math.inf))
     else:
         torch.manual_seed(seed)
         if init != "default":
             initialize(model, init, init_scale, generator=torch.Generator().manual_seed(seed))
+        untrained_loss = None
 
     n_train = x_train.shape[0]
     effective_batch = min(batch_size, n_train)
     steps_per_epoch = n_train // effective_batch
+    # Data-parallel (e.g. under torchrun): every process draws the same batches and trains on its equal
+    # share of each, and gradients are averaged before each step, so the run is the one-process run.
+    rank, world = distributed_rank_world()
+    step_optimizer = opt
+    if world > 1:
+        if effective_batch % world:
+            raise ValueError(f"fit: a data-parallel run over {world} processes needs a batch size divisible by "
+                             f"{world}, got {effective_batch}")
+        step_optimizer = _GradientAveraging(opt, params, world)
+        with torch.no_grad():  # start from rank 0's model, whatever each process built
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(tensor, 0)
+    local_batch = effective_batch // world
+    if untrained_loss is None:  # after the broadcast: every process must take the same divergence decisions
+        untrained_loss = evaluate(model, x_train, y_train, loss_fn, task)[0]
+    best_loss = min([untrained_loss, *(r["train_loss"] for r in history)])
     curv_x, curv_y = x_train[:curvature_samples], y_train[:curvature_samples]
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = sys.stderr.isatty() and rank == 0
 
     from tqdm.auto import tqdm
 
@@ -323,9 +436,10 @@ def fit(
             model.train()
             start = time.perf_counter()
             for step in range(steps_per_epoch):
-                idx = order[step * effective_batch:(step + 1) * effective_batch]
+                start_of_share = step * effective_batch + rank * local_batch
+                idx = order[start_of_share:start_of_share + local_batch]
                 try:
-                    rule_obj.step(x_train[idx], y_train[idx], opt, epoch, active=active)
+                    rule_obj.step(x_train[idx], y_train[idx], step_optimizer, epoch, active=active)
                 except NonFiniteError as err:
                     raise NonFiniteError(f"{err} [epoch {epoch}, step {step}, lr {epoch_lr:g}]") from None
                 _check_finite_parameters(model, rule_obj.name, epoch, step)
@@ -334,6 +448,8 @@ def fit(
             elapsed = time.perf_counter() - start
 
             train_loss, train_metric = evaluate(model, x_train, y_train, loss_fn, task)
+            _check_divergence(train_loss, best_loss, untrained_loss, divergence_factor, rule_obj.name, epoch)
+            best_loss = min(best_loss, train_loss)
             test_loss, test_metric = evaluate(model, x_test, y_test, loss_fn, task)
             metric = "accuracy" if task == "classification" else "error"
             record = {
@@ -343,16 +459,21 @@ def fit(
                 "param_norm": parameter_norm(model),
                 "time_per_step": elapsed / max(steps_per_epoch, 1), "epoch_time": elapsed,
             }
+            if measure_loss is not None:
+                measured_train = evaluate(model, x_train, y_train, measure_fn, task)[0]
+                measured_test = evaluate(model, x_test, y_test, measure_fn, task)[0]
+                record.update(measure_train_loss=measured_train, measure_test_loss=measured_test,
+                              measure_gap=measured_test - measured_train)
             if track_eigenvalue or track_fisher_trace:
-                record.update(_curvature_record(model, curv_x, curv_y, loss_fn, track_eigenvalue,
+                record.update(_curvature_record(model, curv_x, curv_y, measure_fn, track_eigenvalue,
                                                 track_fisher_trace, seed, epoch))
             history.append(record)
-            if checkpoint is not None:
+            if checkpoint is not None and rank == 0:
                 save_checkpoint(checkpoint, {
                     "model_state": model.state_dict(), "optimizer_state": opt.state_dict(),
                     "rule_state": rule_obj.state_dict(), "torch_rng_state": torch.get_rng_state(),
                     "history": history.to_list(), "epoch": epoch + 1, "epochs": int(epochs),
-                    "config": run_config, "model_spec": model_spec,
+                    "config": run_config, "model_spec": model_spec, "untrained_train_loss": untrained_loss,
                 })
             bar.update(1)
             bar.set_postfix(train_loss=f"{train_loss:.3g}", test=f"{test_metric:.3g}")

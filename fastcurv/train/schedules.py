@@ -2,7 +2,7 @@
 
 Each schedule is a callable ``schedule(t) -> lr`` with ``first_drop_epoch()`` (the first epoch whose
 rate is below the initial one, or ``None``), which ``fit(..., regularize_after_first_drop=True)`` uses to
-switch a regularizer on only after the first drop (paper 001).
+switch a regularizer on only after the first drop (Jia & Su 2020; docs/METHODS.md).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Constant:
 
 
 class StepHalving:
-    """``lr(t) = lr0 * 0.5 ** ceil(t / lr_drop)`` (paper 000); the first drop is at epoch 1."""
+    """``lr(t) = lr0 * 0.5 ** ceil(t / lr_drop)`` (Fisher regularization paper, docs/METHODS.md section 4); the first drop is at epoch 1."""
 
     def __init__(self, lr0: float, lr_drop: int):
         if int(lr_drop) != lr_drop or lr_drop <= 0:
@@ -58,7 +58,7 @@ class StepHalving:
 
 
 class MultiStep:
-    """``lr(t) = lr0 * factor ** (number of milestones <= t)``: the step decay of paper 001's runs."""
+    """``lr(t) = lr0 * factor ** (number of milestones <= t)``: the step decay of Jia & Su (2020)'s runs."""
 
     def __init__(self, lr0: float, milestones: list[int], factor: float = 0.1):
         milestones = sorted(int(m) for m in milestones)
