@@ -89,6 +89,9 @@ class Capture:
                 "hooks. Capture the uncompiled model (compiled = torch.compile(model); capture(model)), or compile in "
                 "place with model.compile() and capture the model itself."
             )
+        from fastcurv.curvature._operator import refuse_wrappers
+
+        refuse_wrappers(model, "fastcurv.capture")  # FSDP: the penalty's double backward fails on its shards
         if batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"fastcurv.capture: batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
         self.model = model

@@ -313,6 +313,16 @@ def _activation(name: str) -> type[nn.Module]:
         raise ValueError(f"unknown activation {name!r}; valid: tanh, relu") from None
 
 
+def _width(width: int | None, default: int) -> int:
+    """``None`` -> the dataset's default width; anything else must be a positive int (never ``width or
+    default``: 0 would silently become the default)."""
+    if width is None:
+        return default
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive integer, got {width!r}")
+    return width
+
+
 def default_model(dataset: Dataset | str, activation: str = "tanh", width: int | None = None) -> nn.Module:
     """The small network used for ``dataset`` (a :class:`Dataset` or a name from :data:`DATASETS`).
 
@@ -332,12 +342,12 @@ def default_model(dataset: Dataset | str, activation: str = "tanh", width: int |
         raise _unknown(name)
     act = _activation(activation)
     if name == "digits":
-        h = width or 64
+        h = _width(width, 64)
         return _MLP([64, h, h, 10], act)
     if name == "xor":
-        return _MLP([2, width or 8, 2], act)
+        return _MLP([2, _width(width, 8), 2], act)
     if name == "xord":
-        h = width or 8
+        h = _width(width, 8)
         return nn.Sequential(
             nn.Unflatten(1, (1, 2 * XORD_PAIRS)),
             nn.Conv1d(1, h, kernel_size=2, stride=2),
@@ -346,13 +356,13 @@ def default_model(dataset: Dataset | str, activation: str = "tanh", width: int |
             nn.Linear(h * XORD_PAIRS, 2),
         )
     if name == "synthetic":
-        h = width or 64
+        h = _width(width, 64)
         return _MLP([256, h, h, 1], act)
     if name == "mnist1d":
-        h = width or 100
+        h = _width(width, 100)
         return _MLP([40, h, h, 10], act)
     channels, side = (1, 28) if name in ("mnist", "mnist5k") else (3, 32)
-    h = width or 32
+    h = _width(width, 32)
     return nn.Sequential(
         nn.Conv2d(channels, h, 3, padding=1), act(), nn.MaxPool2d(2),
         nn.Conv2d(h, 2 * h, 3, padding=1), act(), nn.MaxPool2d(2),

@@ -157,3 +157,11 @@ def test_missing_extra_names_it(monkeypatch, name, package):
     monkeypatch.setitem(sys.modules, package + ".data", None)
     with pytest.raises(ImportError, match=rf"fastcurv\[{name}\]"):
         load(name)
+
+
+@pytest.mark.parametrize("width", [0, -4, 2.5, True])
+def test_default_model_refuses_bad_width(width):
+    from fastcurv.data import default_model
+
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        default_model("digits", width=width)
