@@ -92,7 +92,8 @@ def fisher_logdet(
     Gram matrix of the per-example gradients of the cross-entropy ``l_i`` with the given labels (hard
     labels ``[N]``; soft or one-hot ``[N, C]`` are turned into their argmax), computed from captured
     activations and deltas (``cap.per_example_gram``), never the ``N' x P`` Jacobian. ``ln det`` is taken
-    in float64 as the sum of the logarithms of ``G``'s eigenvalues. The model must be in eval mode (no dropout, no batch statistics).
+    in float64 as the sum of the logarithms of ``G``'s eigenvalues, with ``G`` itself computed on a float64
+    copy of the model (so that small eigenvalues of well-fitted examples are resolved). The model must be in eval mode (no dropout, no batch statistics).
 
     ``G`` is singular when ``subset_size > P`` or when per-example gradients are linearly dependent (e.g.
     examples fitted to ~zero loss, or duplicated examples). Singularity is decided by rank, relative to
@@ -120,19 +121,30 @@ def fisher_logdet(
             f"{num_params}, or pass jitter > 0 (adds jitter * mean(diag) * I)."
         )
     generator = torch.Generator().manual_seed(seed)
+    # G on a float64 copy: in float32 the eigenvalues of well-fitted examples (tiny gradients) fall below
+    # the rounding floor n * eps * lambda_max and every fitted minimum would look singular.
+    model64, x64 = _float64_copy(model), (x.double() if x.is_floating_point() else x)
     total = 0.0
     for t in range(trials):
         idx = torch.randperm(n, generator=generator)[:subset_size].to(x.device)
-        with capture(model) as cap:
-            losses = _per_example_ce(model, x[idx], labels[idx], "fisher_logdet")
+        with capture(model64) as cap:
+            losses = _per_example_ce(model64, x64[idx], labels[idx], "fisher_logdet")
             gram = cap.per_example_gram(losses).detach()
-        _check_all_captured(cap, model, "fisher_logdet")
+        _check_all_captured(cap, model64, "fisher_logdet")
         computed_in = gram.dtype
         gram = gram.double()
         if jitter > 0:
             gram = gram + jitter * gram.diagonal().mean() * torch.eye(subset_size, dtype=gram.dtype, device=gram.device)
         total += _logdet_if_full_rank(gram, computed_in, t, subset_size, num_params)
     return total / trials
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    if all(t.dtype == torch.float64 for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).double()
 
 
 def _logdet_if_full_rank(gram: torch.Tensor, computed_in: torch.dtype, trial: int, subset_size: int,
