@@ -202,11 +202,11 @@ def test_fisher_logdet_resolves_small_gradients_of_a_float32_model():
     """A float32 model whose examples' gradients differ by 1e4 in scale: the float32 Gram cannot resolve
     the small eigenvalue (it would be called singular); the float64 copy gives the true log-det."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 2)).eval()
+    model = nn.Sequential(nn.Linear(3, 2, bias=False)).eval()  # no bias: gradients scale with the input
     x = torch.tensor([[1.0, 0.5, -0.3], [1e-4 * 0.2, 1e-4, 1e-4 * 0.7]])
     y = torch.tensor([0, 1])
     got = metrics.fisher_logdet(model, x, y, subset_size=2, trials=1)
-    m64 = nn.Sequential(nn.Linear(3, 2)).double().eval()
+    m64 = nn.Sequential(nn.Linear(3, 2, bias=False)).double().eval()
     m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     out = m64(x.double())
     losses = torch.nn.functional.cross_entropy(out, y, reduction="none")
