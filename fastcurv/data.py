@@ -9,15 +9,15 @@ Datasets
 ``digits``     scikit-learn's ``load_digits`` (1797 real 8x8 images, 10 classes), features standardized
                with the training split's mean/std, a fixed stratified 80/20 split (``seed`` does not
                change it: every run compares on the same split).
-``xor``        the 4 points of {-1,1}^2, label 1 where the two inputs disagree (paper 002's XOR, whose
+``xor``        the 4 points of {-1,1}^2, label 1 where the two inputs disagree (Jarvis 2021's XOR, whose
                labels are -1/+1; here class indices 0/1 for cross-entropy). There is no unseen data, so
-               the test set *is* the training set (paper 002 reports no XOR test accuracy).
-``xord``       paper 002's XOR-detection task: C = 5 input pairs (10 inputs in {-1,1}); a pair is
+               the test set *is* the training set (Jarvis 2021 reports no XOR test accuracy).
+``xord``       Jarvis 2021's XOR-detection task: C = 5 input pairs (10 inputs in {-1,1}); a pair is
                "positive" when its two values disagree (the XOR pattern); the label is 1 when any pair
                is positive. As in the thesis, positive samples hold exactly one positive pair, half of
                each split is positive, 12 train / 10 test samples, drawn without overlap; ``seed``
                picks the samples.
-``synthetic``  paper 002's regression set ``y = a sin(X W) + a X B + eps`` with X ~ U(0, b) of shape
+``synthetic``  Jarvis 2021's regression set ``y = a sin(X W) + a X B + eps`` with X ~ U(0, b) of shape
                [N, M], W, B ~ U(0, c) of shape [M] (B is a second weight vector, not a bias), eps ~
                N(0, sigma); N = 2000, M = 256, a = 1, b = 2, c = 1, sigma = 1, an 80/20 split; one
                output (the thesis: "the model has 1 output neuron"). y's variance is then about 30,
@@ -327,15 +327,15 @@ def default_model(dataset: Dataset | str, activation: str = "tanh", width: int |
     """The small network used for ``dataset`` (a :class:`Dataset` or a name from :data:`DATASETS`).
 
     * digits: MLP 64-64-64-10 (``width`` changes the hidden size).
-    * xor: MLP 2-8-2 (one hidden layer, as paper 002's Figure 4.4).
+    * xor: MLP 2-8-2 (one hidden layer, as Jarvis 2021's Figure 4.4).
     * xord: Conv1d(1, 8, kernel 2, stride 2) over the 5 input pairs, then a fully-connected output
-      layer (paper 002's Figure 4.5).
-    * synthetic: MLP 256-64-64-1 (two fully-connected hidden layers, paper 002's Figure 4.7).
+      layer (Jarvis 2021's Figure 4.5).
+    * synthetic: MLP 256-64-64-1 (two fully-connected hidden layers, Jarvis 2021's Figure 4.7).
     * mnist1d: MLP 40-100-100-10 (the MNIST-1D paper's MLP).
     * mnist / mnist5k / cifar10: a small CNN (two 3x3 conv + max-pool blocks, then a linear classifier).
 
     The model's parameters use PyTorch's default initialization; see
-    :func:`fastcurv.train.initialize` for paper 002's small/large regimes.
+    :func:`fastcurv.train.initialize` for Jarvis 2021's small/large regimes.
     """
     name = dataset.name if isinstance(dataset, Dataset) else dataset
     if name not in DATASETS:

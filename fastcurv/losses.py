@@ -1,6 +1,6 @@
 """Losses used by the papers' experiments that torch does not ship.
 
-* :func:`multiclass_hinge`: the Crammer-Singer multiclass hinge loss of the deep SVMs in paper 000
+* :func:`multiclass_hinge`: the Crammer-Singer multiclass hinge loss of the deep SVMs in the Fisher-regularization paper
   (eq. 8), ``max(0, margin + max_{t != y} f_t(x) - f_y(x))``.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def multiclass_hinge(
     Args:
         logits: ``[B, C]`` scores, floating point, ``C >= 2``.
         target: ``[B]`` integer class indices in ``[0, C)``.
-        margin: the margin (``1.0`` in paper 000); must be finite and ``>= 0``.
+        margin: the margin (``1.0`` in the Fisher-regularization paper); must be finite and ``>= 0``.
         reduction: ``"mean"`` (over the batch), ``"sum"`` or ``"none"`` (per-example losses ``[B]``,
             what :class:`fastcurv.regularizers.Curvature` and ``FisherNorm(mode="per_example")`` take).
             Like ``torch.nn.functional.cross_entropy``, ``"mean"`` of an empty batch is ``nan``.

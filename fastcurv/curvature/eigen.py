@@ -97,7 +97,7 @@ def top_eigenvalues(
         method: ``"lanczos"`` (default: Lanczos with full reorthogonalization, one product per step,
             fewest products), ``"block_lanczos"`` (the same with ``block_size`` columns per step, each
             step one batched product: fewer, larger products; finds exactly repeated eigenvalues), or
-            ``"power"`` (simultaneous power iteration with Rayleigh-Ritz, paper 002 Algorithm 1 with the
+            ``"power"`` (simultaneous power iteration with Rayleigh-Ritz, Jarvis 2021 Algorithm 1 with the
             ``k`` products of an iteration batched into one, and Ritz values instead of R's diagonal).
             For ``"LA"`` the power method iterates on ``A + rho I`` with ``rho`` its own ``"LM"`` estimate
             of the spectral radius, which makes the largest algebraic eigenvalues the dominant ones.

@@ -1,4 +1,4 @@
-"""Curvature regularizer (Geng et al., paper 003, eq. 10-11): ``alpha * mean_i ||grad_theta l_i||^2``.
+"""Curvature regularizer (Geng et al., eq. 10-11): ``alpha * mean_i ||grad_theta l_i||^2``.
 
 The mean per-example squared gradient norm estimates the trace of the Hessian near a minimum
 (empirical Fisher trace); penalizing it biases training toward flat minima.
@@ -11,7 +11,7 @@ The mean per-example squared gradient norm estimates the trace of the Hessian ne
     loss.backward()
     # or, the same step: penalty = reg.backward(per_example)
 
-How it is computed (SCIENCE.md section 1, the measured cheapest exact form): one
+How it is computed (docs/METHODS.md section 1, the measured cheapest exact form): one
 ``create_graph=True`` gradient of ``sum_i l_i`` w.r.t. the captured layer *outputs* only (not the
 parameters) gives differentiable deltas; the per-example norms follow from (activations, deltas)
 through ``fastcurv.ops`` (which register their own backward), and a single ``backward()`` of

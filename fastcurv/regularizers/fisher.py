@@ -1,4 +1,4 @@
-"""Fisher regularization of one layer (paper 000, eq. 6-7 and its appendix A.1 code).
+"""Fisher regularization of one layer (Fisher-regularization paper, docs/METHODS.md section 4; eq. 6-7 and its appendix A.1 code).
 
 Penalty on a layer's weights ``w``: ``r(w) = gamma * w^T F w + beta * ||w||^2``, two ways:
 
@@ -32,7 +32,7 @@ _MODES = ("batch", "per_example")
 
 
 def fisher_norm(w: torch.Tensor, g: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``w^T F~ w`` with ``F~`` the min-max normalized ``|g g^T|``, in O(P) (paper 000, appendix A.1).
+    """``w^T F~ w`` with ``F~`` the min-max normalized ``|g g^T|``, in O(P) (Fisher-regularization paper, docs/METHODS.md section 4; appendix A.1).
 
     ``F~ = (|g g^T| - min) / (max - min + eps)``, min and max over all P^2 entries. Closed form:
     ``((u . w)^2 - m^2 (sum w)^2) / (M^2 - m^2 + eps)`` with ``u = |g|``, ``m = min u``, ``M = max u``.
@@ -111,7 +111,7 @@ class _LayerGradientDot(torch.autograd.Function):
 
 
 class FisherNorm(Regularizer):
-    """``gamma * w^T F w + beta * ||W||^2`` on one layer (paper 000's Fisher regularization).
+    """``gamma * w^T F w + beta * ||W||^2`` on one layer (Fisher regularization, docs/METHODS.md section 4).
 
     Args:
         layer: the regularized layer (the classifier, in the paper), a module with a ``weight``

@@ -1,4 +1,4 @@
-"""Metric regularization and Selective L2 (paper 002, Jarvis, sections 3.8-3.9 and Table 4.1).
+"""Metric regularization and Selective L2 (Jarvis 2021, sections 3.8-3.9 and Table 4.1).
 
 Both use ``d = H thetabar``: the Hessian ``H`` of the batch loss times the current parameters taken
 as a constant (``thetabar = theta.detach()``), from ONE Hessian-vector product,
@@ -6,7 +6,7 @@ as a constant (``thetabar = theta.detach()``), from ONE Hessian-vector product,
 ``thetabar^T H = H thetabar``). The Hessian is never formed.
 
 Update rules (Table 4.1, in the trainers' convention ``theta -= lr * (grad L + grad penalty)`` of
-SCIENCE.md section 5, so every regularization term is scaled by the learning rate):
+docs/METHODS.md section 5, so every regularization term is scaled by the learning rate):
 
 * Metric: ``theta -= lr * (grad L + lam * thetabar^T H)``;
 * Selective L2: ``theta -= lr * (grad L + lam * mask * theta)``, with
@@ -134,7 +134,7 @@ class _HessianProductRegularizer(Regularizer):
 
 
 class Metric(_HessianProductRegularizer):
-    """Metric regularization (paper 002): update term ``lam * thetabar^T H`` (or ``lam * |thetabar^T H|``).
+    """Metric regularization (Jarvis 2021): update term ``lam * thetabar^T H`` (or ``lam * |thetabar^T H|``).
 
     ``reg(loss)``: ``loss`` is the batch loss (a scalar; per-example losses ``[B]`` are averaged
     first), computed from ``model``'s output and not yet backpropagated. H is the Hessian of exactly
@@ -166,7 +166,7 @@ class Metric(_HessianProductRegularizer):
 
 
 class SelectiveL2(_HessianProductRegularizer):
-    """Selective L2 (paper 002, Table 4.1): L2 only on the parameters that matter little to the metric.
+    """Selective L2 (Jarvis 2021, Table 4.1): L2 only on the parameters that matter little to the metric.
 
     Parameter ``j`` of a parameter tensor is regularized when
     ``|thetabar^T H|_j < omega * max over that tensor of |thetabar^T H|`` (the thesis takes the max per

@@ -87,7 +87,7 @@ class L2(Regularizer):
     """``(lam / 2) * ||theta||^2`` over every parameter of ``model`` that requires grad (biases too).
 
     The factor 1/2 makes the gradient ``lam * theta``, the trainers' rule
-    ``theta -= lr * (grad L + lam * theta)`` (SCIENCE.md section 5; equal to SGD's ``weight_decay=lam``).
+    ``theta -= lr * (grad L + lam * theta)`` (docs/METHODS.md section 5; equal to SGD's ``weight_decay=lam``).
 
     ``reg(loss=None)`` ignores ``loss`` and returns the scalar penalty.
     """
@@ -103,7 +103,7 @@ class L2(Regularizer):
 
 
 class SpectralNorm(Regularizer):
-    """``gamma * sigma_max(W) + beta * ||W||^2`` on one layer's weight (paper 000's baseline).
+    """``gamma * sigma_max(W) + beta * ||W||^2`` on one layer's weight (a baseline of the Fisher-regularization paper, docs/METHODS.md section 4).
 
     ``sigma_max`` is estimated by power iteration with a persistent left vector ``u`` (kept on this
     object), ``n_power_iterations`` steps per call, as ``torch.nn.utils.spectral_norm`` does:

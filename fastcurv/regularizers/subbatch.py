@@ -1,4 +1,4 @@
-"""Sub-batch gradient-norm regularizer R_alpha of Jia & Su (paper 001, section 6, Algorithm 1).
+"""Sub-batch gradient-norm regularizer R_alpha of Jia & Su 2020 (section 6, Algorithm 1; docs/METHODS.md section 3).
 
 Split the batch B into M sub-batches B_k, let ``g_k = grad L(B_k, w)`` (detached; ``L(B_k, w)`` is the
 MEAN loss over B_k) and
@@ -355,14 +355,14 @@ def _cross_entropy_per_example(out: torch.Tensor, target: torch.Tensor) -> torch
 
 
 class SubBatchGradNorm(Regularizer):
-    """``beta * R_alpha(w)`` of paper 001's Algorithm 1, or its exact first-order form.
+    """``beta * R_alpha(w)`` of Jia & Su's Algorithm 1 (docs/METHODS.md section 3), or its exact first-order form.
 
     Args:
         model: the network; its parameters that require grad are ``w``.
         alpha: perturbation size (paper: 1e-4), ``> 0``.
         beta: weight of the regularizer (paper: 1..100), ``>= 0``.
         num_subbatches: M (paper: 8). ``M = B`` (one example per sub-batch) gives the per-example
-            squared-gradient-norm penalty of SCIENCE.md section 1.
+            squared-gradient-norm penalty of docs/METHODS.md section 1.
         exact: if True, ``beta * alpha * (1/M) sum_k ||g_k||^2`` with ``g_k`` differentiated through
             (double backward), the quantity R_alpha approximates to first order; if False (default),
             Algorithm 1's finite difference with ``g_k`` held constant.

@@ -1,6 +1,6 @@
 """Learning rules: small adapters that turn one batch into one optimizer step.
 
-Every rule follows the same convention (SCIENCE.md section 5 and the regularizers' docstrings)::
+Every rule follows the same convention (docs/METHODS.md section 5 and the regularizers' docstrings)::
 
     theta <- optimizer_step(grad [ mean_i l_i + penalty ])
 
@@ -13,15 +13,15 @@ Rules (``RULES``), with their hyperparameters and defaults:
 
 * ``sgd``: no penalty.
 * ``l2`` (``lam``): ``(lam/2) ||theta||^2``, gradient ``lam * theta``.
-* ``curvature`` (``alpha``): paper 003, ``alpha * mean_i ||grad l_i||^2`` (exact, double backward).
-* ``fisher`` (``gamma``, ``beta``, ``mode``): paper 000's Fisher penalty on the last weight layer
+* ``curvature`` (``alpha``): Geng et al., ``alpha * mean_i ||grad l_i||^2`` (exact, double backward).
+* ``fisher`` (``gamma``, ``beta``, ``mode``): the Fisher penalty (docs/METHODS.md section 4) on the last weight layer
   (the classifier), trained with the multiclass hinge loss by default (``fit(loss="auto")``).
-* ``subbatch`` (``alpha``, ``beta``, ``num_subbatches``, ``exact``): paper 001's ``beta R_alpha``.
-* ``metric`` (``lam``, ``absolute``): paper 002, update term ``lam * thetabar^T H``.
+* ``subbatch`` (``alpha``, ``beta``, ``num_subbatches``, ``exact``): Jia & Su's ``beta R_alpha`` (docs/METHODS.md section 3).
+* ``metric`` (``lam``, ``absolute``): Jarvis 2021, update term ``lam * thetabar^T H``.
 * ``selective_l2`` (``lam``, ``omega``): L2 only where ``|thetabar^T H| < omega * max`` per tensor.
 * ``l2_stopped`` (``lam``, ``tau``): L2 for epochs ``t < tau``, then SGD.
 * ``l2_stopped_selective`` (``lam``, ``selective_lam``, ``omega``, ``tau``): L2 (rate ``lam``) for
-  ``t < tau``, then Selective L2 (rate ``selective_lam``; paper 002 tunes the two rates separately).
+  ``t < tau``, then Selective L2 (rate ``selective_lam``; Jarvis 2021 tunes the two rates separately).
 
 ``tau=None`` means half of the run's epochs (resolved by :func:`fastcurv.train.fit`). Epochs are
 0-based, so ``tau`` is the number of epochs with L2.
@@ -40,10 +40,10 @@ RULES = ("sgd", "l2", "curvature", "fisher", "subbatch", "metric", "selective_l2
          "l2_stopped", "l2_stopped_selective")
 
 # Defaults in this module's lr-scaled convention. Paper values where they exist: subbatch alpha=1e-4,
-# M=8, beta in paper 001's grid {1..100}; fisher gamma=0.01, beta=0.007 (paper 000); the L2, metric and
-# selective rates are paper 002's Table 4.2 rates for MNIST/Tanh divided by its learning rate 1e-3
+# M=8, beta in Jia & Su's (docs/METHODS.md section 3) grid {1..100}; fisher gamma=0.01, beta=0.007 (Fisher-regularization paper, docs/METHODS.md section 4); the L2, metric and
+# selective rates are Jarvis 2021's Table 4.2 rates for MNIST/Tanh divided by its learning rate 1e-3
 # (L2 1e-5 -> 1e-2, Metric 1e-4 -> 0.1, Selective L2 1e-3 -> 1.0 with omega = 0.001). Curvature's
-# alpha=1e-2 is ours (paper 003's values are for a 3x4096 MLP): checked to train digits to ~97%.
+# alpha=1e-2 is ours (Geng et al.'s values are for a 3x4096 MLP): checked to train digits to ~97%.
 DEFAULTS: dict[str, dict] = {
     "sgd": {},
     "l2": {"lam": 1e-2},
@@ -284,7 +284,7 @@ class SelectiveL2(_HessianProductRule):
 
 
 class L2Stopped(Rule):
-    """L2 for epochs ``t < tau``, then plain SGD (paper 002, Table 4.1)."""
+    """L2 for epochs ``t < tau``, then plain SGD (Jarvis 2021, Table 4.1)."""
 
     name = "l2_stopped"
 
@@ -300,7 +300,7 @@ class L2Stopped(Rule):
 
 
 class L2StoppedSelective(SelectiveL2, L2Stopped):
-    """L2 (``lam``) for epochs ``t < tau``, then Selective L2 (``selective_lam``) (paper 002, Table 4.1)."""
+    """L2 (``lam``) for epochs ``t < tau``, then Selective L2 (``selective_lam``) (Jarvis 2021, Table 4.1)."""
 
     name = "l2_stopped_selective"
 
