@@ -40,7 +40,7 @@ RULES = ("sgd", "l2", "curvature", "fisher", "subbatch", "metric", "selective_l2
          "l2_stopped", "l2_stopped_selective")
 
 # Defaults in this module's lr-scaled convention. Paper values where they exist: subbatch alpha=1e-4,
-# M=8, beta in Jia & Su's (docs/METHODS.md section 3) grid {1..100}; fisher gamma=0.01, beta=0.007 (Fisher-regularization paper, docs/METHODS.md section 4); the L2, metric and
+# M=8, beta in Jia & Su's grid {1..100}; fisher gamma=0.01, beta=0.007 (Fisher-regularization paper); the L2, metric and
 # selective rates are Jarvis 2021's Table 4.2 rates for MNIST/Tanh divided by its learning rate 1e-3
 # (L2 1e-5 -> 1e-2, Metric 1e-4 -> 0.1, Selective L2 1e-3 -> 1.0 with omega = 0.001). Curvature's
 # alpha=1e-2 is ours (Geng et al.'s values are for a 3x4096 MLP): checked to train digits to ~97%.
