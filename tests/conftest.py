@@ -25,3 +25,12 @@ def device(request):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as the default dtype for the test (the per-example loop oracle is compared in float64)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

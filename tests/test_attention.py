@@ -15,15 +15,7 @@ from fastcurv.layers.attention import MultiheadAttentionLayer
 from fastcurv.regularizers.curvature import Curvature
 from zoo import check_against_loop, loop_grads, trainable
 
-pytestmark = pytest.mark.filterwarnings("ignore::fastcurv.capture.GenericRuleWarning")
-
-
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = [pytest.mark.filterwarnings("ignore::fastcurv.capture.GenericRuleWarning"), pytest.mark.usefixtures("float64_default")]
 
 
 def on_math_sdpa(forward):

@@ -12,15 +12,7 @@ import fastcurv
 from fastcurv.capture import capture
 from zoo import check_against_loop, loop_grads
 
-pytestmark = pytest.mark.filterwarnings("ignore::fastcurv.capture.GenericRuleWarning")
-
-
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = [pytest.mark.filterwarnings("ignore::fastcurv.capture.GenericRuleWarning"), pytest.mark.usefixtures("float64_default")]
 
 
 def ce(out, y):

@@ -13,15 +13,9 @@ from fastcurv.layers import conv as conv_rule
 from fastcurv.layers.conv import ConvLayer
 from zoo import check_against_loop, loop_grads, trainable
 
+pytestmark = pytest.mark.usefixtures("float64_default")
+
 B = 5  # odd on purpose
-
-
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 class ConvHead(nn.Module):

@@ -8,18 +8,10 @@ from torch.func import functional_call, grad, vmap
 
 from fastcurv.regularizers import Curvature
 
-pytestmark = pytest.mark.filterwarnings("ignore:fastcurv._C is not available")
+pytestmark = [pytest.mark.filterwarnings("ignore:fastcurv._C is not available"), pytest.mark.usefixtures("float64_default")]
 
 B = 4
 ALPHA = 0.3  # large enough that the penalty's gradient is a sizeable part of the total
-
-
-@pytest.fixture(autouse=True)
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def ce(out, y):

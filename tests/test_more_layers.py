@@ -10,13 +10,7 @@ from fastcurv.capture import capture
 from fastcurv.layers import GenericLayer
 from zoo import check_against_loop, loop_grads, trainable
 
-
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def check_layer_methods(model, forward, loss_fn, rule):
