@@ -412,17 +412,9 @@ class Capture:
             return []
         targets = {r.output.grad_fn: r for r in records if r.output.grad_fn is not None}
         consumers: dict = {}
-        seen, todo = set(), [losses.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            for fn, _ in node.next_functions:
-                if fn in targets:
-                    consumers.setdefault(fn, []).append(node)
-                if fn is not None:
-                    todo.append(fn)
+        for node, fn in _graph_edges(losses):
+            if fn in targets:
+                consumers.setdefault(fn, []).append(node)
         probes = []
         for fn, r in targets.items():
             users = consumers.get(fn, [])
@@ -465,25 +457,17 @@ class Capture:
                         continue
                     nodes.add(node)
                     todo.extend(fn for fn, _ in node.next_functions)
-        seen, todo = set(), [losses.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            for fn, _ in node.next_functions:
-                var = getattr(fn, "variable", None)
-                if var is not None and id(var) in owners:
-                    if not any(node in inside[id(layer)] for layer in owners[id(var)]):
-                        raise RuntimeError(
-                            f"fastcurv.capture: the losses depend on parameter '{names[id(var)]}' through a path that "
-                            "does not go through its module's recorded forward: the parameter is used outside its "
-                            "module (e.g. F.linear(x, other.weight)), or part of the loss comes from a forward outside "
-                            "the capture. Its per-example gradient would be incomplete. Run the whole forward inside "
-                            "the capture and use parameters only through their modules."
-                        )
-                elif fn is not None:
-                    todo.append(fn)
+        for node, fn in _graph_edges(losses):
+            var = getattr(fn, "variable", None)
+            if var is not None and id(var) in owners:
+                if not any(node in inside[id(layer)] for layer in owners[id(var)]):
+                    raise RuntimeError(
+                        f"fastcurv.capture: the losses depend on parameter '{names[id(var)]}' through a path that "
+                        "does not go through its module's recorded forward: the parameter is used outside its "
+                        "module (e.g. F.linear(x, other.weight)), or part of the loss comes from a forward outside "
+                        "the capture. Its per-example gradient would be incomplete. Run the whole forward inside "
+                        "the capture and use parameters only through their modules."
+                    )
 
     # ---------------------------------------------------------------- results
     def _exact_per_example_grads(self, losses, create_graph) -> list[torch.Tensor]:
@@ -601,6 +585,20 @@ def _embedding_linear_cross(emb, d_emb, lin, d_lin, gram: bool = False) -> torch
     picked = dl.index_select(2, tok.flatten()).view(B, dl.shape[1], B, T)  # [j, s, i, t]: d_lin[j, s, tok_it]
     dots = torch.einsum("jsd,itd->jsit", a.to(de.dtype), de)
     return torch.einsum("jsit,jsit,it->ij", picked.to(dots.dtype), dots, keep.to(dots.dtype))
+
+
+def _graph_edges(losses: torch.Tensor):
+    """Every edge ``(node, next node)`` of the autograd graph reachable from ``losses``, once per node."""
+    seen, todo = set(), [losses.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for fn, _ in node.next_functions:
+            yield node, fn
+            if fn is not None:
+                todo.append(fn)
 
 
 class _GradProbe:
