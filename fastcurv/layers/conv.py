@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcurv.layers.base import common_dtype, describe, rows
-from fastcurv.layers.linear import LinearMapLayer
+from fastcurv.layers.linear import SpatialMapLayer
 from fastcurv.layers.registry import register
 
 __all__ = ["ConvLayer", "CONV_PATHS"]
@@ -38,22 +38,10 @@ MAX_MATERIALIZED_ELEMENTS = 1 << 24
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-class ConvLayer(LinearMapLayer):
+class ConvLayer(SpatialMapLayer):
     #: "auto" (choose by cost per call), or force "kernel" / "unfold" (tests, experiments); settable
     #: per instance or on the class
     path: str = "auto"
-
-    def layout_is_ambiguous(self, inp, batch_size):
-        return False  # the convolution itself treats dim 0 as the batch
-
-    def check_input(self, inp):
-        super().check_input(inp)
-        n = self.module.weight.ndim - 2
-        if inp.ndim != n + 2:
-            raise ValueError(
-                f"fastcurv.capture: {describe(self.name, self.module)} got input {tuple(inp.shape)}; expected a "
-                f"batched [B, C, {n} spatial dims] input (unbatched inputs are not supported)"
-            )
 
     # ------------------------------------------------------------------ cost model
     def _shape_terms(self, deltas) -> tuple[int, int, int, int, int]:

@@ -17,33 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcurv.layers.base import batched_pairs, common_dtype, describe
-from fastcurv.layers.linear import LinearMapLayer
+from fastcurv.layers.base import batched_pairs, common_dtype
+from fastcurv.layers.linear import SpatialMapLayer
 from fastcurv.layers.registry import register
 
 __all__ = ["ConvTransposeLayer"]
 
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-class ConvTransposeLayer(LinearMapLayer):
+class ConvTransposeLayer(SpatialMapLayer):
     def __init__(self, name, module, params):
         super().__init__(name, module, params)
         # the LinearMapLayer kernels handle the weight only (their "bias" would be the input's sum)
         self.output_bias_trainable = self.bias_trainable
         self.bias_trainable = False
-
-    def layout_is_ambiguous(self, inp, batch_size):
-        return False  # the convolution itself treats dim 0 as the batch
-
-    def check_input(self, inp):
-        super().check_input(inp)
-        n = self.module.weight.ndim - 2
-        if inp.ndim != n + 2:
-            raise ValueError(
-                f"fastcurv.capture: {describe(self.name, self.module)} got input {tuple(inp.shape)}; expected a "
-                f"batched [B, C, {n} spatial dims] input (unbatched inputs are not supported: add the batch dim "
-                "with x.unsqueeze(0))"
-            )
 
     def unfold_delta(self, delta: torch.Tensor, in_sizes: tuple) -> torch.Tensor:
         """``[B, C_out, *out]`` -> ``[B, G, T_in, C_out/G * prod(kernel)]``: for each input position,

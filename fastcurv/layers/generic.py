@@ -14,7 +14,6 @@ silently mis-counted."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

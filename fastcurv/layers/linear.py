@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from fastcurv import ops
-from fastcurv.layers.base import CapturedLayer, batched_pairs, common_dtype
+from fastcurv.layers.base import CapturedLayer, batched_pairs, common_dtype, describe
 from fastcurv.layers.registry import register
 
-__all__ = ["LinearMapLayer", "LinearLayer"]
+__all__ = ["LinearMapLayer", "SpatialMapLayer", "LinearLayer"]
 
 
 class LinearMapLayer(CapturedLayer):
@@ -120,6 +120,24 @@ class LinearMapLayer(CapturedLayer):
         if self.bias_trainable:
             result.append((c.T @ d.sum(2).reshape(d.shape[0], -1)).reshape(K, -1))
         return result
+
+
+class SpatialMapLayer(LinearMapLayer):
+    """A convolution-like layer: the operation itself treats dim 0 as the batch, and the input must be
+    ``[B, C, *spatial]`` (unbatched inputs are refused with the fix)."""
+
+    def layout_is_ambiguous(self, inp, batch_size):
+        return False  # the convolution itself treats dim 0 as the batch
+
+    def check_input(self, inp):
+        super().check_input(inp)
+        n = self.module.weight.ndim - 2
+        if inp.ndim != n + 2:
+            raise ValueError(
+                f"fastcurv.capture: {describe(self.name, self.module)} got input {tuple(inp.shape)}; expected a "
+                f"batched [B, C, {n} spatial dims] input (unbatched inputs are not supported: add the batch dim "
+                "with x.unsqueeze(0))"
+            )
 
 
 @register(nn.Linear)

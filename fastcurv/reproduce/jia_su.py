@@ -26,7 +26,7 @@ from torch import nn
 
 from fastcurv.reproduce.common import (Session, claims_table, curves, finals, format_cell, format_table,
                                        plot_curves, subset, validation_split, write_outputs)
-from fastcurv.reproduce.verdict import claim, mean_std, spearman
+from fastcurv.reproduce.verdict import claim, spearman
 
 PAPER_TABLE1 = {"CNN (CIFAR-10)": (8.52, 7.55), "WRN-28-2 (CIFAR-100)": (None, 23.88),
                 "DenseNet-k12 (CIFAR-10)": (4.61, 4.37), "ResNet-20 (CIFAR-10)": (8.50, 7.89)}  # test error %, plain -> +reg
