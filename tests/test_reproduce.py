@@ -96,3 +96,20 @@ def test_reproduce_refuses_one_seed(tmp_path, capsys):
 
     assert main(["reproduce", "jarvis", "--budget", "tiny", "--seeds", "1", "--out", str(tmp_path)]) == 2
     assert "--seeds must be >= 2" in capsys.readouterr().err
+
+
+def test_geng_sweep_counts_a_diverged_grid_point_below_every_threshold(tmp_path):
+    """A learning rate that blows up is a result of the Figure 1/2 sweep (the paper's point: alpha widens
+    the trainable region), not a crash of the whole reproduction."""
+    pytest.importorskip("mlxtend")
+    from fastcurv.reproduce import geng
+    from fastcurv.reproduce.common import Session
+    from fastcurv.data import load
+
+    session = Session(paper="geng", budget="tiny", seeds=[0], out=str(tmp_path), quiet=True)
+    cfg = {**geng.BUDGETS["tiny"], "epochs": 2,
+           "sweep": dict(lrs=[0.05, 1e6], weight_decays=[0.0], alphas=[0.0], thresholds=[0.0], seeds=1)}
+    data = geng.subset(load("mnist5k"), cfg["n_train"], cfg["n_test"])
+    result = geng._sweep(session, data, cfg)
+    assert [d["lr"] for d in result["diverged"]] == [1e6]
+    assert result["fraction_above"]["0.0"]["0.0"] == 0.5  # the finite point is >= 0, the diverged one is not

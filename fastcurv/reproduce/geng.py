@@ -141,14 +141,23 @@ def run(session: Session, overrides: dict | None = None) -> dict:
 def _sweep(session: Session, data, cfg: dict) -> dict:
     """Figures 1-2: test accuracy over learning rate x weight decay for each alpha, and the fraction of
     the grid above each accuracy threshold."""
+    from fastcurv.train import NonFiniteError
+
     sweep = cfg["sweep"]
-    grid = {}
+    grid, diverged = {}, []
     for alpha, lr, wd in itertools.product(sweep["alphas"], sweep["lrs"], sweep["weight_decays"]):
         accs = []
         for seed in session.seeds[: sweep["seeds"]]:
-            _, h = _train(session, f"sweep_a{alpha:g}_lr{lr:g}_wd{wd:g}_seed{seed}", data, cfg, seed, lr, wd, alpha)
-            accs.append(h[-1]["test_accuracy"])
-        grid[(alpha, lr, wd)] = mean_std(accs)[0]
+            key = f"sweep_a{alpha:g}_lr{lr:g}_wd{wd:g}_seed{seed}"
+            try:
+                _, h = _train(session, key, data, cfg, seed, lr, wd, alpha)
+                accs.append(h[-1]["test_accuracy"])
+            except NonFiniteError as err:  # a grid point that diverges is a result of the sweep, not a crash
+                session.log(f"  {key}: diverged ({err}); counted below every threshold")
+                diverged.append({"alpha": alpha, "lr": lr, "weight_decay": wd, "seed": seed, "error": str(err)})
+                accs.append(float("nan"))
+        grid[(alpha, lr, wd)] = float("nan") if any(a != a for a in accs) else mean_std(accs)[0]
+    # nan (diverged) compares False with every threshold: it counts as below
     fractions = {alpha: {thr: sum(grid[(alpha, lr, wd)] >= thr for lr in sweep["lrs"] for wd in sweep["weight_decays"])
                          / (len(sweep["lrs"]) * len(sweep["weight_decays"])) for thr in sweep["thresholds"]}
                  for alpha in sweep["alphas"]}
@@ -159,10 +168,17 @@ def _sweep(session: Session, data, cfg: dict) -> dict:
                                   f"test accuracy, alpha = {alpha:g} (Geng et al. Fig. 1 protocol, mnist5k)", matrix,
                                   [f"{lr:g}" for lr in sweep["lrs"]], [f"{wd:g}" for wd in sweep["weight_decays"]],
                                   "learning rate", "weight decay"))
-    rows = [[f"{alpha:g}", f"{max(grid[(alpha, lr, wd)] for lr in sweep['lrs'] for wd in sweep['weight_decays']):.4f}",
+    def best(alpha):
+        values = [grid[(alpha, lr, wd)] for lr in sweep["lrs"] for wd in sweep["weight_decays"]]
+        finite = [v for v in values if v == v]
+        return max(finite) if finite else float("nan")
+
+    rows = [[f"{alpha:g}", f"{best(alpha):.4f}",
              *[f"{fractions[alpha][thr]:.2f}" for thr in sweep["thresholds"]]] for alpha in sweep["alphas"]]
     table = format_table(["alpha", "best test acc", *[f"fraction >= {thr:g}" for thr in sweep["thresholds"]]], rows)
     return {"grid": [{"alpha": a, "lr": lr, "weight_decay": wd, "test_accuracy": v} for (a, lr, wd), v in grid.items()],
+            "diverged": diverged,
             "fraction_above": {str(a): {str(t): f for t, f in d.items()} for a, d in fractions.items()},
-            "table": "Figure 1/2 sweep (paper: nonzero alpha raises the best accuracy and the good area)\n" + table,
+            "table": "Figure 1/2 sweep (paper: nonzero alpha raises the best accuracy and the good area; diverged "
+                     f"grid points, counted below every threshold: {len(diverged)})\n" + table,
             "plots": [p for p in plots if p]}
