@@ -50,6 +50,8 @@ from torch import nn
 
 from fastcurv.layers import GenericLayer, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, describe, rows
+from fastcurv.layers.embedding import EmbeddingLayer
+from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.generic import replaying
 from fastcurv.layers.norm import frozen_stats_forward, stats_gate_closed, uses_batch_stats
 
@@ -550,9 +552,6 @@ def _pair_cross(la, ka, da, lb, kb, db, gram: bool) -> torch.Tensor:
     """Cross term of one parameter used by layers la and lb: ``2 <g_a, g_b>`` per example ([B]) or
     ``<g_a,i, g_b,j> + <g_b,i, g_a,j>`` ([B, B]). A ghost form for the tied Embedding/Linear pair
     (GPT's wte / lm_head), else the two per-example gradients of that parameter."""
-    from fastcurv.layers.embedding import EmbeddingLayer
-    from fastcurv.layers.linear import LinearLayer
-
     # exact type: EmbeddingBagLayer subclasses EmbeddingLayer, but its rows come from bags
     if isinstance(la, LinearLayer) and type(lb) is EmbeddingLayer:
         la, ka, da, lb, kb, db = lb, kb, db, la, ka, da

@@ -175,17 +175,11 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 # ---------------------------------------------------------------- correctness
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
-def test_matches_per_sample_gradients(case, f64, device):
+def test_matches_per_sample_gradients(case, float64_default, device):
     model, x, y, loss_fn = case()
     model, x, y = model.to(device), x.to(device), y.to(device)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -233,7 +227,7 @@ def test_callable_module_and_top_level_export():
     assert fastcurv.capture.Capture is Capture
 
 
-def test_mean_scaled_losses_scale_by_inverse_batch_squared(f64):
+def test_mean_scaled_losses_scale_by_inverse_batch_squared(float64_default):
     model, x, y, loss_fn = mlp()
     with capture(model) as cap:
         out = model(x)
@@ -241,7 +235,7 @@ def test_mean_scaled_losses_scale_by_inverse_batch_squared(f64):
     torch.testing.assert_close(cap.per_example_sqnorms(losses / B), cap.per_example_sqnorms(losses) / B**2)
 
 
-def test_create_graph_gives_differentiable_norms(f64):
+def test_create_graph_gives_differentiable_norms(float64_default):
     model, x, y, loss_fn = mlp()
     with capture(model) as cap:
         out = model(x)
@@ -251,7 +245,7 @@ def test_create_graph_gives_differentiable_norms(f64):
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-def test_output_unused_by_loss_counts_zero(f64):
+def test_output_unused_by_loss_counts_zero(float64_default):
     class TwoHeads(nn.Module):
         def __init__(self):
             super().__init__()
@@ -271,7 +265,7 @@ def test_output_unused_by_loss_counts_zero(f64):
     torch.testing.assert_close(by_layer["used"], flat(ref, ["2.weight", "2.bias"]).square().sum(1))
 
 
-def test_ignore_leaves_params_out(f64):
+def test_ignore_leaves_params_out(float64_default):
     class WithScale(nn.Module):
         def __init__(self):
             super().__init__()

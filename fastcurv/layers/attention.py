@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcurv.layers.base import CapturedLayer, Record, _versions, describe
+from fastcurv.layers.base import CapturedLayer, Record, _versions, describe, first_input
 from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.registry import register, rule_for
 
@@ -302,7 +302,7 @@ class SequenceFirstTransformer(CapturedLayer):
         self._signature = inspect.signature(type(module).forward)
 
     def batch_witness(self, args, kwargs, output):
-        first = args[0] if args else next(iter(kwargs.values()), None)
+        first = first_input(args, kwargs)
         return first.transpose(0, 1) if isinstance(first, torch.Tensor) and first.ndim == 3 else first
 
     def clear(self) -> None:

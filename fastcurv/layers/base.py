@@ -87,11 +87,8 @@ class CapturedLayer:
     # ------------------------------------------------------------------ recording
     def record(self, args: tuple, kwargs: dict, output) -> Optional[torch.Tensor]:
         """Called by the capture's forward hook. Returns a replacement output or None."""
-        if args:
-            inp = args[0]
-        elif kwargs:
-            inp = next(iter(kwargs.values()))
-        else:
+        inp = first_input(args, kwargs)
+        if inp is None:
             raise RuntimeError(f"fastcurv.capture: {describe(self.name, self.module)} was called without an input")
         if not isinstance(output, torch.Tensor):
             raise TypeError(
@@ -107,7 +104,7 @@ class CapturedLayer:
         the first input. A rule whose examples are not the rows of its first input overrides it
         (EmbeddingBag with 1-D tokens and offsets: the examples are the bags, the output's rows; a
         sequence-first RNN: a batch-first view of its input)."""
-        return args[0] if args else next(iter(kwargs.values()), None)
+        return first_input(args, kwargs)
 
     def layout_is_ambiguous(self, inp: torch.Tensor, batch_size: int) -> bool:
         """True when dim 0 of this input, of size B, might still not be the batch: a 1-D input (B
@@ -264,6 +261,11 @@ class CapturedLayer:
             (coeffs.to(g.dtype).T @ rows(g)).reshape(K, *p.shape)
             for g, (_, p) in zip(self._per_example_grads(deltas), self.params)
         ]
+
+
+def first_input(args: tuple, kwargs: dict) -> Any:
+    """A call's first input, positional or keyword (None for a call without inputs)."""
+    return args[0] if args else next(iter(kwargs.values()), None)
 
 
 def rows(g: torch.Tensor) -> torch.Tensor:
