@@ -316,7 +316,10 @@ class Capture:
                 if probe.delta is not None and tuple(probe.delta.shape) == (self.batch_size,) + tuple(r.output.shape):
                     found[id(r)] = probe.delta
                     shared = [(layer, rr) for layer, rr in shared if rr is not r]
-            suspects = [r for layer, r in batched if id(r) in found and self._ambiguous(layer, r)]
+            # each record's layout is a property of the forward: checked once per capture, not per call
+            suspects = [r for layer, r in batched if id(r) in found and not r.layout_checked and self._ambiguous(layer, r)]
+            for r in suspects:
+                r.layout_checked = True
             for r in self._interacting(losses, suspects, found):
                 layer = next(layer for layer, rr in batched if rr is r)
                 if not layer.supports_shared_input:

@@ -334,3 +334,24 @@ def test_sequence_first_layernorm_with_t_equal_b_is_refused():
         out = model(torch.randn(4, 4, 3))
     with pytest.raises(RuntimeError, match=r"module 'norm' \(LayerNorm\) is not the batch.*batch_first=True"):
         cap.per_example_sqnorms(out.square().sum(1))
+
+
+def test_ambiguous_layout_is_checked_once_per_capture(monkeypatch):
+    """T == B: the random-weighted check runs at the first query, not again for the Gram."""
+    model = TiedLM()
+    idx, targets = torch.randint(0, 11, (4, 4)), torch.randint(0, 11, (4, 4))
+    calls = []
+    original = fastcurv.capture.Capture._interacting
+
+    def counting(self, losses, suspects, found):
+        calls.append(len(suspects))
+        return original(self, losses, suspects, found)
+
+    monkeypatch.setattr(fastcurv.capture.Capture, "_interacting", counting)
+    with capture(model) as cap:
+        out = model(idx)
+    losses = ce(out, targets)
+    first = cap.per_example_sqnorms(losses)
+    cap.per_example_gram(losses)
+    assert calls[0] > 0 and all(n == 0 for n in calls[1:])
+    torch.testing.assert_close(cap.per_example_gram(losses).diagonal(), first)

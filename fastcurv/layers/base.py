@@ -47,6 +47,7 @@ class Record:
     kwargs: dict = field(default_factory=dict)
     shared: bool = False
     versions: tuple = ()
+    layout_checked: bool = False  # the capture's random-weighted check of an ambiguous layout ran
 
 
 Deltas = Union[torch.Tensor, Sequence[torch.Tensor]]
