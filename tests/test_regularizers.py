@@ -409,11 +409,14 @@ def test_l2_value_gradient_and_ignored_loss():
         L2(model, -1)
 
 
+# Factories, not layers: built inside the test after the seeding fixture (torch's own initial seed is
+# random per process here, so layers made at collection time gave a different spectrum every run).
 @pytest.mark.parametrize(
-    "layer", [nn.Linear(7, 5), nn.Linear(3, 9), nn.Conv2d(3, 4, kernel_size=3)], ids=["5x7", "9x3", "conv"]
+    "make_layer", [lambda: nn.Linear(7, 5), lambda: nn.Linear(3, 9), lambda: nn.Conv2d(3, 4, kernel_size=3)],
+    ids=["5x7", "9x3", "conv"],
 )
-def test_spectral_norm_against_svdvals(device, layer):
-    layer = layer.to(device, DT)
+def test_spectral_norm_against_svdvals(device, make_layer):
+    layer = make_layer().to(device, DT)
     gamma, beta = 0.5, 0.1
     reg = SpectralNorm(layer, gamma=gamma, beta=beta, n_power_iterations=500)
     w_mat = layer.weight.detach().reshape(layer.weight.shape[0], -1)
