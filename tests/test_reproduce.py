@@ -113,3 +113,14 @@ def test_geng_sweep_counts_a_diverged_grid_point_below_every_threshold(tmp_path)
     result = geng._sweep(session, data, cfg)
     assert [d["lr"] for d in result["diverged"]] == [1e6]
     assert result["fraction_above"]["0.0"]["0.0"] == 0.5  # the finite point is >= 0, the diverged one is not
+
+
+@pytest.mark.parametrize("budget", ["tiny", "quick", "full"])
+def test_jia_su_budgets_fit_mnist1d(budget):
+    """Scenario I draws the confusion set from the training examples after the clean ones: every budget
+    must fit in MNIST-1D's 4,000 training examples (the full budget once asked for 4,500)."""
+    from fastcurv.reproduce.jia_su import BUDGETS
+
+    cfg = BUDGETS[budget]
+    n_train = cfg["n_train"] or 4000
+    assert cfg["char_train"] + max(cfg["confusion"]) <= n_train

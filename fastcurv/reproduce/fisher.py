@@ -31,7 +31,7 @@ GAMMA, BETA = DEFAULTS["fisher"]["gamma"], DEFAULTS["fisher"]["beta"]
 BUDGETS = {
     "tiny": dict(seeds=2, width=4, n_train=200, n_test=200, epochs=2, lr_drop=1, lr=1e-3, batch_size=50, eig_samples=32),
     "quick": dict(seeds=3, width=8, n_train=None, n_test=None, epochs=12, lr_drop=4, lr=1e-3, batch_size=200, eig_samples=128),
-    "full": dict(seeds=5, width=32, n_train=None, n_test=None, epochs=40, lr_drop=10, lr=1e-3, batch_size=200, eig_samples=256),
+    "full": dict(seeds=5, width=16, n_train=None, n_test=None, epochs=40, lr_drop=10, lr=1e-3, batch_size=200, eig_samples=256),
 }
 
 

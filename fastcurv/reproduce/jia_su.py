@@ -40,7 +40,7 @@ BUDGETS = {
                   betas=[1.0, 10.0, 50.0], char_epochs=40, confusion=[0, 500, 1000, 2000], batch_sizes=[32, 128, 512],
                   char_train=2000, metric_examples=512, logdet_subset=32, logdet_trials=10, probes=16),
     "full": dict(seeds=5, width=256, n_train=None, n_test=None, epochs=90, lr_drop=30, lr=0.05, batch_size=128,
-                 betas=[1.0, 5.0, 10.0, 20.0, 50.0, 100.0], char_epochs=150, confusion=[0, 500, 1000, 1500, 2000, 2500],
+                 betas=[1.0, 5.0, 10.0, 20.0, 50.0, 100.0], char_epochs=150, confusion=[0, 400, 800, 1200, 1600, 2000],
                  batch_sizes=[32, 64, 128, 256, 512, 1024], char_train=2000, metric_examples=1024, logdet_subset=64,
                  logdet_trials=20, probes=32),
 }
