@@ -124,3 +124,17 @@ def test_jia_su_budgets_fit_mnist1d(budget):
     cfg = BUDGETS[budget]
     n_train = cfg["n_train"] or 4000
     assert cfg["char_train"] + max(cfg["confusion"]) <= n_train
+
+
+def test_results_json_histories_are_thinned_not_truncated():
+    from fastcurv.reproduce.common import MAX_STORED_EPOCHS, compact
+
+    history = [{"epoch": e, "loss": 1.0 / e} for e in range(1, 1001)]
+    kept = compact({"runs": {"sgd": [{"seed": 0, "history": history}]}})["runs"]["sgd"][0]["history"]
+    assert len(kept) <= MAX_STORED_EPOCHS + 1
+    assert kept[0]["epoch"] == 1 and kept[-1]["epoch"] == 1000  # first and last always kept
+    steps = {b["epoch"] - a["epoch"] for a, b in zip(kept, kept[1:-1])}
+    assert steps == {10}  # evenly spaced
+    assert kept[-1]["loss"] == pytest.approx(1e-3, rel=1e-6)
+    short = [{"epoch": e} for e in range(1, 31)]
+    assert compact(short) == short  # short histories are left whole

@@ -29,6 +29,7 @@ class Session:
     quiet: bool = False
     started: float = field(default_factory=time.perf_counter)
     runs_done: int = 0
+    runs_resumed: int = 0  # runs found finished or partly done in the checkpoints (--resume)
 
     def __post_init__(self):
         os.makedirs(self.checkpoint_dir, exist_ok=True)
@@ -50,6 +51,7 @@ class Session:
         from fastcurv.train import fit
 
         path = os.path.join(self.checkpoint_dir, f"{key}.pt")
+        self.runs_resumed += self.resume and os.path.exists(path)
         start = time.perf_counter()
         history = fit(model, data, checkpoint=path, resume=self.resume, progress=not self.quiet and sys.stderr.isatty(),
                       **fit_kwargs)
@@ -108,20 +110,53 @@ def claims_table(claims: list[dict]) -> str:
                          "mean diff", "p (paired t)", "p (sign flip)", "verdict"], rows)
 
 
+MAX_STORED_EPOCHS = 100  # per run history in results.json; the checkpoints keep every epoch
+
+
+def _is_history(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) and "epoch" in r for r in value)
+
+
+def compact(value):
+    """results.json stays small enough to commit (the jarvis full budget has 240 runs of 1,000 epochs):
+    each per-epoch history keeps at most ``MAX_STORED_EPOCHS`` evenly spaced epochs, always the first
+    and the last, and floats keep 7 significant digits. Tables and verdicts use the full histories."""
+    if _is_history(value) and len(value) > MAX_STORED_EPOCHS:
+        stride = math.ceil(len(value) / MAX_STORED_EPOCHS)
+        value = value[::stride] + ([value[-1]] if (len(value) - 1) % stride else [])
+    if isinstance(value, dict):
+        return {k: compact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [compact(v) for v in value]
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.7g}")
+    return value
+
+
 def write_outputs(session: Session, results: dict, table_text: str) -> None:
     """results.json (with environment, budget, seeds and wall time) and table.md in ``session.out``."""
     results = {"paper": session.paper, "budget": session.budget, "seeds": session.seeds,
-               "environment": environment(), "wall_time_s": session.elapsed(), **results}
+               "environment": environment(), "wall_time_s": session.elapsed(),
+               "num_runs": session.runs_done, "runs_from_checkpoints": session.runs_resumed,
+               "histories": f"per-epoch histories keep at most {MAX_STORED_EPOCHS} evenly spaced epochs (first and "
+                            f"last included); the checkpoints under checkpoints/ hold every epoch", **results}
     path = os.path.join(session.out, "results.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:
-        json.dump(results, handle, indent=1, default=float)
+        json.dump(compact(results), handle, separators=(",", ":"), default=float)
     os.replace(tmp, path)
     with open(os.path.join(session.out, "table.md"), "w") as handle:
         handle.write(f"# fastcurv reproduce {session.paper} --budget {session.budget}\n\n```\n{table_text}\n```\n\n"
                      f"Seeds {session.seeds}; wall time {session.elapsed():.0f} s on {results['environment']['device']} "
-                     f"({results['environment']['cpu_count']} cores).\n")
+                     f"({results['environment']['cpu_count']} cores){resumed_note(session)}.\n")
     session.log(f"wrote {path} and table.md")
+
+
+def resumed_note(session: Session) -> str:
+    if not session.runs_resumed:
+        return ""
+    return (f"; {session.runs_resumed} of {session.runs_done} runs were continued or loaded from checkpoints "
+            f"(--resume), so the wall time is this invocation's, not the whole experiment's")
 
 
 LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (8, 2)))
