@@ -138,3 +138,18 @@ def test_results_json_histories_are_thinned_not_truncated():
     assert kept[-1]["loss"] == pytest.approx(1e-3, rel=1e-6)
     short = [{"epoch": e} for e in range(1, 31)]
     assert compact(short) == short  # short histories are left whole
+
+
+def test_missing_values_are_left_out_not_ranked():
+    """gamma_hat is NaN where the Gram matrix is singular: a NaN must drop out of the rank correlation
+    (it used to be ranked as the largest value) and out of the paired test."""
+    nan = math.nan
+    assert verdict.spearman([nan, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert verdict.spearman([3.0, 1.0, 2.0, nan], [3.0, 1.0, 2.0, 0.0]) == pytest.approx(1.0)
+    assert math.isnan(verdict.spearman([nan, nan, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0]))  # < 3 pairs
+    test = verdict.paired_test([1.0, nan, 1.2, 1.1], [0.0, 0.0, 0.1, 0.05])
+    assert test["n"] == 3 and math.isfinite(test["p_t"])
+    from fastcurv.reproduce.common import format_cell
+
+    assert format_cell([1.0, nan, 3.0]) == "2.0000 ± 1.4142 (2 of 3 seeds)"
+    assert format_cell([nan, nan]) == "n/a"

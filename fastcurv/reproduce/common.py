@@ -90,8 +90,14 @@ def finals(histories: list[list[dict]], key: str) -> list[float]:
 
 
 def format_cell(values) -> str:
+    """``mean ± std`` over the finite values, saying how many seeds a missing (NaN) value left out."""
+    values = list(values)
     mean, std = mean_std(values)
-    return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+    if math.isnan(mean):
+        return "n/a"
+    finite = sum(1 for v in values if v is not None and not math.isnan(v))
+    missing = f" ({finite} of {len(values)} seeds)" if finite < len(values) else ""
+    return f"{mean:.4f} ± {std:.4f}{missing}"
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

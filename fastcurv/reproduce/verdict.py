@@ -63,6 +63,7 @@ def paired_test(ours, baseline) -> dict:
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired_test: need two 1-d arrays of equal length, got shapes {a.shape} and {b.shape}")
     d = a - b
+    d = d[np.isfinite(d)]  # a seed with a missing (NaN) value on either side is left out; "n" counts the rest
     n = d.size
     mean = float(d.mean()) if n else math.nan
     std = float(d.std(ddof=1)) if n > 1 else math.nan
@@ -114,7 +115,17 @@ def claim(name: str, paper: str, ours_label: str, ours, baseline_label: str, bas
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    """Spearman rank correlation (average ranks for ties) over the pairs where both values are finite;
+    NaN when fewer than 3 such pairs remain or either side is constant (a missing value must not be
+    ranked as if it were the largest)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman: need two 1-d sequences of equal length, got shapes {x.shape} and {y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3:
+        return math.nan
+    x, y = x[keep], y[keep]
+
     def ranks(v):
         v = np.asarray(v, dtype=np.float64)
         order = np.argsort(v, kind="mergesort")
