@@ -33,7 +33,7 @@ __all__ = ["ConvLayer", "CONV_PATHS"]
 CONV_PATHS = ("auto", "kernel", "unfold")
 
 # The kernel path materializes B x P per layer; above this many elements the batch is chunked so a
-# large layer never allocates all per-example gradients at once (issue 8, item 6).
+# large layer never allocates all per-example gradients at once (norms and the Gram matrix).
 MAX_MATERIALIZED_ELEMENTS = 1 << 24
 
 
@@ -159,8 +159,25 @@ class ConvLayer(SpatialMapLayer):
     def _gram(self, deltas):
         if self.choose_path(deltas, "gram") == "unfold":
             return super()._gram(deltas)
-        flat = torch.cat([rows(g) for g in self._kernel_grads(deltas)], 1)
-        return flat @ flat.T
+
+        def flat(s, e):
+            return torch.cat([rows(g) for g in self._kernel_grads(deltas, s, e)], 1)
+
+        chunks = self._chunks(deltas[0].shape[0])
+        if len(chunks) == 1:
+            f = flat(*chunks[0])
+            return f @ f.T
+        # Blocks G[I, J] = F_I F_J^T with at most two chunks of per-example gradients alive: the
+        # column chunks are recomputed per row chunk (n(n+1)/2 kernel calls) rather than holding B x P.
+        blocks = [[None] * len(chunks) for _ in chunks]
+        for i, (s, e) in enumerate(chunks):
+            f_i = flat(s, e)
+            for j in range(i, len(chunks)):
+                f_j = f_i if j == i else flat(*chunks[j])
+                blocks[i][j] = f_i @ f_j.T
+                if j != i:
+                    blocks[j][i] = blocks[i][j].T
+        return torch.cat([torch.cat(row, 1) for row in blocks], 0)
 
     def _dot(self, deltas, vectors):
         """``g_i . v_k = sum_t delta_it . (V_k a_it)``: one forward convolution of the input with the K
