@@ -172,3 +172,17 @@ def test_channels_last_input_matches_loop(path):
     x = x.contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
     check_against_loop(model, lambda m: m(x), lambda out: ce(out, y))
+
+
+def test_linear_and_unfold_norms_split_the_batch(monkeypatch):
+    """A tiny intermediate budget splits the squared-norm op into one row per call: same numbers
+    (norms, Gram, penalty gradient against the loop), for a sequence Linear and an unfolded conv."""
+    import fastcurv.layers.linear as linear_rule
+
+    monkeypatch.setattr(linear_rule, "MAX_INTERMEDIATE_ELEMENTS", 1)
+    monkeypatch.setattr(ConvLayer, "path", "unfold")
+    model, x, y = make("2d_circular_stride_dilation_groups")
+    check_against_loop(model, lambda m: m(x), lambda out: ce(out, y))
+    seq = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6, 3))
+    xs = torch.randn(B, 6, 5)
+    check_against_loop(seq, lambda m: m(xs), lambda out: ce(out, y))

@@ -14,11 +14,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastcurv import ops
+from fastcurv import ops, reference
 from fastcurv.layers.base import CapturedLayer, batched_pairs, common_dtype, describe
 from fastcurv.layers.registry import register
 
 __all__ = ["LinearMapLayer", "SpatialMapLayer", "LinearLayer"]
+
+# Squared norms with T > 1 hold a T x T Gram pair or a d_out x d_in gradient per example while the op
+# runs; above this many elements in all, the batch is split so a long sequence or a wide layer never
+# allocates them for the whole batch at once.
+MAX_INTERMEDIATE_ELEMENTS = 1 << 24
 
 
 class LinearMapLayer(CapturedLayer):
@@ -71,9 +76,14 @@ class LinearMapLayer(CapturedLayer):
         a, d = self.operands(deltas)
         B, G, T, d_in = a.shape
         if self.weight_trainable:
-            s = ops.per_example_sqnorm(
-                a.reshape(B * G, T, d_in), d.reshape(B * G, T, d.shape[-1]), bias=self.bias_trainable
-            )
+            a, d = a.reshape(B * G, T, d_in), d.reshape(B * G, T, d.shape[-1])
+            # Each (example, group) row holds a T x T Gram pair (ghost) or a d_out x d_in gradient
+            # (materialized) while the op runs: split the rows so that never exceeds the budget.
+            per_row = 0 if T == 1 else (2 * T * T if reference.use_ghost(T, d_in, d.shape[-1]) else d_in * d.shape[-1])
+            step = max(1, MAX_INTERMEDIATE_ELEMENTS // max(1, per_row))
+            s = torch.cat([ops.per_example_sqnorm(a[i:i + step], d[i:i + step], bias=self.bias_trainable)
+                           for i in range(0, B * G, step)]) if step < B * G else \
+                ops.per_example_sqnorm(a, d, bias=self.bias_trainable)
             return s.view(B, G).sum(1)
         return d.sum(2).square().sum((1, 2))  # bias only
 
