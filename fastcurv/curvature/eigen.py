@@ -147,7 +147,10 @@ def top_eigenvalues(
         if m_max < k:
             raise ValueError(f"top_eigenvalues: max_iter = {max_iter} < k = {k}; Lanczos needs at least k products")
         m_max = max(m_max, min(b, P))  # room for the first block
-        values, vectors, info = _block_lanczos(A, k, tol, m_max, which, b, generator, progress)
+        if b == 1:
+            values, vectors, info = _lanczos(A, k, tol, m_max, which, generator, progress)
+        else:
+            values, vectors, info = _block_lanczos(A, k, tol, m_max, which, b, generator, progress)
     else:
         b = block_size if block_size is not None else min(P, max(2 * k, k + 2))
         if not k <= b <= P:
@@ -245,10 +248,9 @@ class _OrthogonalityEstimate:
         self.current = torch.ones(1, dtype=torch.float64)  # omega for q_j against q_0..q_j
         self.force_next = False
 
-    def next(self, T: torch.Tensor, j: int, beta: float, scale: float) -> bool:
-        """Advance to ``q_{j+1}`` (coupling ``beta``); True when it must be fully reorthogonalized."""
-        alpha = T.diagonal()[: j + 1]
-        betas = T.diagonal(-1)[:j]  # betas[i] couples q_i and q_{i+1}
+    def next(self, alpha: torch.Tensor, betas: torch.Tensor, j: int, beta: float, scale: float) -> bool:
+        """Advance to ``q_{j+1}`` (coupling ``beta``) given ``alpha[:j+1]`` and ``betas[:j]`` (``betas[i]``
+        couples ``q_i`` and ``q_{i+1}``); True when ``q_{j+1}`` must be fully reorthogonalized."""
         omega = torch.full((j + 2,), self.eps, dtype=torch.float64)
         omega[j + 1] = 1.0
         if beta > 0 and j > 0:
@@ -270,13 +272,90 @@ class _OrthogonalityEstimate:
         self.current[:-1] = self.eps
 
 
+def _lanczos(A, k, tol, m_max, which, generator, progress):
+    """Single-vector Lanczos with partial reorthogonalization (:class:`_OrthogonalityEstimate`).
+
+    The basis is kept as contiguous rows ``[m, P]``; a step is one product, two vector updates and, only
+    when the estimate asks for it, a full pass over the basis. The tridiagonal entries stay Python
+    floats until the small eigenproblem, so the per-step overhead outside the product is a few
+    vector operations."""
+    P = A.num_params
+    basis = torch.empty(m_max, P, dtype=A.dtype, device=A.device)  # rows; never zero-filled
+    alpha = torch.zeros(m_max, dtype=torch.float64)
+    betas = torch.zeros(m_max, dtype=torch.float64)  # betas[j] couples q_j and q_{j+1}
+    q = _random_block(P, 1, A, generator)[:, 0]
+    q = q / q.norm()
+    orthogonality = _OrthogonalityEstimate(A.dtype)
+    tiny = torch.finfo(torch.float64).tiny
+    bar = _progress_bar(m_max, "lanczos", progress)
+    m, scale, worst, converged = 0, tiny, math.inf, False
+    try:
+        while True:
+            basis[m] = q
+            w = A.matmat(q[:, None])[:, 0]  # a fresh tensor: updated in place below
+            a = torch.dot(q, w).item()
+            alpha[m] = a
+            w.sub_(q, alpha=a)
+            previous_beta = betas[m - 1].item() if m > 0 else 0.0
+            if previous_beta:
+                w.sub_(basis[m - 1], alpha=previous_beta)
+            before = w.norm().item()
+            # ||A q|| (an estimate of ||A||) from its orthogonal parts, without another pass over w.
+            scale = max(scale, math.sqrt(a * a + previous_beta * previous_beta + before * before))
+            if orthogonality.next(alpha[: m + 1], betas[:m], m, before, scale):
+                V = basis[: m + 1]
+                w.sub_(V.T @ (V @ w))
+                # A second pass only when the first one cancelled most of w (Daniel-Gragg-Kaufman-
+                # Stewart criterion): then rounding left components along V that one more pass removes.
+                if w.norm().item() < 0.7 * before:
+                    w.sub_(V.T @ (V @ w))
+                orthogonality.reset()
+            beta = w.norm().item()
+            m += 1
+            bar.update(1)
+            T = torch.diag(alpha[:m])
+            if m > 1:
+                off = torch.diag(betas[: m - 1], 1)
+                T += off + off.T
+            theta_all, S_all = torch.linalg.eigh(T)
+            theta_scale = max(theta_all.abs().max().item(), tiny)
+            order = _order(theta_all, which)[:k]
+            theta, S = theta_all[order], S_all[:, order]
+            if m >= k:
+                # Ritz pair (theta_j, V^T s_j) has residual beta * |s_j[last]|.
+                residual = beta * S[m - 1].abs()
+                worst = (residual.max() / theta_scale).item()
+                bar.set_postfix(residual=f"{worst:.1e}")
+                converged = worst <= tol or m == P
+                if converged or m >= m_max:
+                    break
+            if beta > 100 * torch.finfo(A.dtype).eps * scale:
+                q = w / beta
+            else:
+                # An invariant subspace: continue from a fresh random direction orthogonal to the basis,
+                # with zero coupling, so eigenvalues the start vector missed are still found.
+                q, beta = _next_block(w[None] * 0, basis[:m], 1, scale, generator, A)[0][0], 0.0
+            betas[m - 1] = beta
+    finally:
+        bar.close()
+    if not converged:
+        warnings.warn(
+            f"top_eigenvalues(method='lanczos', which={which!r}): not converged after {m} products; "
+            f"largest relative residual {worst:.2e} > tol {tol:.1e}. Raise max_iter.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    vectors = basis[:m].T @ S.to(A.device, A.dtype)
+    info = EigenInfo("lanczos", converged, m, (residual / theta_scale).tolist())
+    return theta.to(A.dtype).to(A.device), _fix_signs(vectors), info
+
+
 def _block_lanczos(A, k, tol, m_max, which, b, generator, progress):
-    """Block Lanczos; ``b = 1`` is plain Lanczos.
+    """Block Lanczos with full reorthogonalization.
 
     The Krylov basis is stored as contiguous rows ``[m, P]``, so projecting a new block out of it is two
-    GEMMs (GEMVs for ``b = 1``) that stream the basis once each. Each step applies ``A`` to ``b`` columns
-    in one batched product. Blocks (``b > 1``) are reorthogonalized against the whole basis at every
-    step; single vectors only when :class:`_OrthogonalityEstimate` says orthogonality is being lost."""
+    GEMMs that stream the basis once each. Each step applies ``A`` to ``b`` columns in one batched
+    product."""
     P = A.num_params
     basis = torch.empty(m_max, P, dtype=A.dtype, device=A.device)  # rows; never zero-filled
     T = torch.zeros(m_max, m_max, dtype=torch.float64)  # block tridiagonal projection V A V^T
@@ -284,7 +363,6 @@ def _block_lanczos(A, k, tol, m_max, which, b, generator, progress):
     Q = torch.linalg.qr(Q.T).Q.T.contiguous() if b > 1 else Q / Q.norm()
     bar = _progress_bar(m_max, "lanczos" if b == 1 else f"block lanczos (b={b})", progress)
     m, previous, scale, worst = 0, 0, torch.finfo(torch.float64).tiny, math.inf
-    orthogonality = _OrthogonalityEstimate(A.dtype) if b == 1 else None
     try:
         while True:
             rows = Q.shape[0]
@@ -300,14 +378,11 @@ def _block_lanczos(A, k, tol, m_max, which, b, generator, progress):
             T[m : m + rows, m : m + rows] = (C[m - previous :].double() + C[m - previous :].double().T) / 2
             W = W - C.T @ local
             before = W.norm(dim=1)
-            if orthogonality is None or orthogonality.next(T, m, before.item(), scale):
+            W = W - (V @ W.T).T @ V
+            # A second pass only when the first one cancelled most of W (Daniel-Gragg-Kaufman-Stewart
+            # criterion): then rounding left components along V that one more pass removes.
+            if bool((W.norm(dim=1) < 0.7 * before).any()):
                 W = W - (V @ W.T).T @ V
-                # A second pass only when the first one cancelled most of W (Daniel-Gragg-Kaufman-
-                # Stewart criterion): then rounding left components along V that one more pass removes.
-                if bool((W.norm(dim=1) < 0.7 * before).any()):
-                    W = W - (V @ W.T).T @ V
-                if orthogonality is not None:
-                    orthogonality.reset()
             previous = m
             m += rows
             bar.update(rows)
