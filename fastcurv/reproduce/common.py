@@ -116,7 +116,7 @@ def claims_table(claims: list[dict]) -> str:
                          "mean diff", "p (paired t)", "p (sign flip)", "verdict"], rows)
 
 
-MAX_STORED_EPOCHS = 100  # per run history in results.json; the checkpoints keep every epoch
+MAX_STORED_EPOCHS = 50  # per run history in results.json; the checkpoints keep every epoch
 
 
 def _is_history(value) -> bool:
