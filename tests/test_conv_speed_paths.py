@@ -175,14 +175,18 @@ def test_channels_last_input_matches_loop(path):
 
 
 def test_linear_and_unfold_norms_split_the_batch(monkeypatch):
-    """A tiny intermediate budget splits the squared-norm op into one row per call: same numbers
-    (norms, Gram, penalty gradient against the loop), for a sequence Linear and an unfolded conv."""
+    """A tiny intermediate budget splits the squared-norm op into one row per call and assembles the
+    Gram matrix from one-example blocks: same numbers (norms, Gram, penalty gradient against the loop),
+    for sequence Linears (materialized and ghost forms) and an unfolded grouped conv."""
     import fastcurv.layers.linear as linear_rule
 
     monkeypatch.setattr(linear_rule, "MAX_INTERMEDIATE_ELEMENTS", 1)
     monkeypatch.setattr(ConvLayer, "path", "unfold")
     model, x, y = make("2d_circular_stride_dilation_groups")
     check_against_loop(model, lambda m: m(x), lambda out: ce(out, y))
-    seq = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6, 3))
+    seq = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6, 3))  # materialized form
     xs = torch.randn(B, 6, 5)
     check_against_loop(seq, lambda m: m(xs), lambda out: ce(out, y))
+    ghost = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 3, 3))  # 2 T^2 <= d_in d_out
+    xg = torch.randn(B, 3, 16)
+    check_against_loop(ghost, lambda m: m(xg), lambda out: ce(out, y))

@@ -20,9 +20,9 @@ from fastcurv.layers.registry import register
 
 __all__ = ["LinearMapLayer", "SpatialMapLayer", "LinearLayer"]
 
-# Squared norms with T > 1 hold a T x T Gram pair or a d_out x d_in gradient per example while the op
-# runs; above this many elements in all, the batch is split so a long sequence or a wide layer never
-# allocates them for the whole batch at once.
+# Squared norms and Gram matrices with T > 1 hold T x T Gram pairs or d_out x d_in gradients per example
+# while the op runs; above this many elements in all, the batch is split so a long sequence or a wide
+# layer never allocates them for the whole batch at once.
 MAX_INTERMEDIATE_ELEMENTS = 1 << 24
 
 
@@ -94,7 +94,42 @@ class LinearMapLayer(CapturedLayer):
             d_sum = d.sum(2).reshape(B, -1)
             return d_sum @ d_sum.T
         # groups: G_ij sums over matching groups only (never the (BG) x (BG) matrix)
-        return sum(ops.per_example_gram(a[:, g], d[:, g], bias=self.bias_trainable) for g in range(G))
+        return sum(self._group_gram(a[:, g], d[:, g]) for g in range(G))
+
+    def _group_gram(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``[B, B]`` Gram of one group's per-example gradients. The op holds ``(B T)^2`` (ghost) or
+        ``B d_out d_in`` (materialized) elements at once; above the budget the batch is cut into chunks
+        and the Gram is assembled from blocks ``G[I, J]`` with at most two chunks' worth alive."""
+        B, T, d_in = a.shape
+        d_out = d.shape[-1]
+        ghost = T > 1 and reference.use_ghost(T, d_in, d_out)
+        whole = (B * T) ** 2 if ghost else (B * d_in * d_out if T > 1 else 0)
+        if whole <= MAX_INTERMEDIATE_ELEMENTS:
+            return ops.per_example_gram(a, d, bias=self.bias_trainable)
+        step = max(1, math.isqrt(MAX_INTERMEDIATE_ELEMENTS) // T if ghost else MAX_INTERMEDIATE_ELEMENTS // (d_in * d_out))
+        chunks = [(s, min(B, s + step)) for s in range(0, B, step)]
+        a, d = common_dtype(a, d)
+
+        def block(I, J):
+            (s, e), (u, v) = I, J
+            if ghost:  # sum_{t,s} (a_it . a_js)(d_it . d_js)
+                prod = (a[s:e].reshape(-1, d_in) @ a[u:v].reshape(-1, d_in).T) * (d[s:e].reshape(-1, d_out) @ d[u:v].reshape(-1, d_out).T)
+                out = prod.reshape(e - s, T, v - u, T).sum((1, 3))
+            else:
+                gi = (d[s:e].transpose(1, 2) @ a[s:e]).reshape(e - s, -1)
+                gj = gi if I == J else (d[u:v].transpose(1, 2) @ a[u:v]).reshape(v - u, -1)
+                out = gi @ gj.T
+            if self.bias_trainable:
+                out = out + d[s:e].sum(1) @ d[u:v].sum(1).T
+            return out
+
+        rows = [[None] * len(chunks) for _ in chunks]
+        for i, I in enumerate(chunks):
+            for j in range(i, len(chunks)):
+                rows[i][j] = block(I, chunks[j])
+                if j != i:
+                    rows[j][i] = rows[i][j].T
+        return torch.cat([torch.cat(r, 1) for r in rows], 0)
 
     def _dot(self, deltas, vectors):
         a, d = self.operands(deltas)
