@@ -1,0 +1,90 @@
+"""Step benchmarks measured interleaved: every contender of a group runs once in turn, for many rounds;
+medians; ratios to the group's first contender. pytest-benchmark times each contender in its own block
+of rounds, so on a shared 2-core machine a slow stretch can land on one contender only; alternating them
+spreads it over all of them. Same models, batches and contenders as ``test_bench_steps.py``.
+
+    python bench/interleaved.py rules-mlp subbatch-cnn regstep-cnn [--rounds 30]
+
+Groups: ``rules-mlp`` (every learning rule vs sgd), ``subbatch-{mlp,cnn,resnet18}`` (R_alpha, M = 8, vs an
+sgd step; ResNet-18 with train-mode BatchNorm), ``regstep-{mlp,cnn,resnet18}`` (the curvature-regularized
+step, SAM and GNP vs a plain step).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_bench_steps import REGSTEP, SUBBATCHES, rules_case, step_case  # noqa: E402
+
+from fastcurv.regularizers import SubBatchGradNorm  # noqa: E402
+from fastcurv.train import RULES, make_rule  # noqa: E402
+from fastcurv.train.loop import per_example_loss  # noqa: E402
+
+GROUPS = ["rules-mlp"] + [f"{kind}-{case}" for kind in ("subbatch", "regstep") for case in ("mlp", "cnn", "resnet18")]
+
+
+def contenders(group: str) -> dict:
+    """name -> a zero-argument step, first the baseline."""
+    dev = torch.device("cpu")
+    kind, case = group.split("-", 1)
+    if kind == "rules":
+        steps = {}
+        for rule in RULES:
+            model, x, y = rules_case(dev)
+            bound = make_rule(rule).bind(model, per_example_loss("hinge" if rule == "fisher" else "cross_entropy"), epochs=10)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            steps[rule] = (lambda b=bound, x=x, y=y, o=opt: b.step(x, y, o, epoch=0))
+        return steps
+    if kind == "subbatch":
+        model, x, y = step_case(case, dev, train_batchnorm=True)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        reg = SubBatchGradNorm(model, alpha=1e-4, beta=10.0, num_subbatches=SUBBATCHES)
+
+        def sgd_step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        def subbatch_step():
+            opt.zero_grad(set_to_none=True)
+            reg.backward(x, y)
+            opt.step()
+
+        return {"sgd_step": sgd_step, "subbatch_step": subbatch_step}
+    model, x, y = step_case(case, dev)
+    return {name: (lambda fn=REGSTEP[name](model): fn(model, x, y)) for name in ("plain_step", "fastcurv", "sam", "gnp")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("groups", nargs="+", choices=GROUPS)
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds per contender (after 2 warm-up rounds)")
+    args = parser.parse_args(argv)
+    print(f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"{args.rounds} interleaved rounds, medians")
+    for group in args.groups:
+        steps = contenders(group)
+        times = {name: [] for name in steps}
+        for round_ in range(args.rounds + 2):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                if round_ >= 2:
+                    times[name].append(time.perf_counter() - start)
+        median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        base = next(iter(median))
+        print(f"\n{group} (ratio to {base})")
+        for name, value in median.items():
+            print(f"  {name:<22}{value * 1e3:10.3f} ms  {value / median[base]:6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
