@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcurv.capture import capture
-from fastcurv.layers import conv as conv_rule
+from fastcurv.layers import base as layer_base
 from fastcurv.layers.conv import ConvLayer
 from zoo import check_against_loop, loop_grads, trainable
 
@@ -131,7 +131,7 @@ def test_kernel_path_never_unfolds(monkeypatch):
 def test_kernel_path_chunks_the_batch(monkeypatch):
     """A small materialization budget forces one example per chunk: results unchanged."""
     monkeypatch.setattr(ConvLayer, "path", "kernel")
-    monkeypatch.setattr(conv_rule, "MAX_MATERIALIZED_ELEMENTS", 1)
+    monkeypatch.setattr(layer_base, "MAX_INTERMEDIATE_ELEMENTS", 1)
     model, x, y = make("2d_same_reflect")
     layer = ConvLayer("conv", model.conv, trainable(model.conv))
     assert len(layer._chunks(B)) == B
@@ -178,9 +178,7 @@ def test_linear_and_unfold_norms_split_the_batch(monkeypatch):
     """A tiny intermediate budget splits the squared-norm op into one row per call and assembles the
     Gram matrix from one-example blocks: same numbers (norms, Gram, penalty gradient against the loop),
     for sequence Linears (materialized and ghost forms) and an unfolded grouped conv."""
-    import fastcurv.layers.linear as linear_rule
-
-    monkeypatch.setattr(linear_rule, "MAX_INTERMEDIATE_ELEMENTS", 1)
+    monkeypatch.setattr(layer_base, "MAX_INTERMEDIATE_ELEMENTS", 1)
     monkeypatch.setattr(ConvLayer, "path", "unfold")
     model, x, y = make("2d_circular_stride_dilation_groups")
     check_against_loop(model, lambda m: m(x), lambda out: ce(out, y))

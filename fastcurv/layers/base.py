@@ -274,6 +274,54 @@ def rows(g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], math.prod(g.shape[1:]))  # explicit: B may be 0
 
 
+# Per-example intermediates (materialized per-example gradients, ghost T x T Gram pairs) above this many
+# elements in all are computed for chunks of the batch, so a large layer or a long sequence never holds
+# them for the whole batch at once. Read at call time (tests lower it).
+MAX_INTERMEDIATE_ELEMENTS = 1 << 24
+
+
+def within_budget(elements: int) -> bool:
+    return elements <= MAX_INTERMEDIATE_ELEMENTS
+
+
+def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges of at most ``size`` (>= 1) items covering ``range(n)`` (one empty range for n = 0)."""
+    size = max(1, size)
+    return [(s, min(n, s + size)) for s in range(0, n, size)] or [(0, 0)]
+
+
+def budget_chunks(n: int, per_item: int) -> list[tuple[int, int]]:
+    """Chunks of ``n`` items that each hold at most the budget when one item holds ``per_item`` elements."""
+    return chunk_ranges(n, MAX_INTERMEDIATE_ELEMENTS // max(1, per_item))
+
+
+def symmetric_from_blocks(chunks: list[tuple[int, int]], block) -> torch.Tensor:
+    """The symmetric matrix whose block ``(I, J)`` over index ranges ``chunks`` is ``block(I, J)``, built
+    from the blocks with ``I <= J`` only (the others are their transposes)."""
+    grid = [[None] * len(chunks) for _ in chunks]
+    for i, I in enumerate(chunks):
+        for j in range(i, len(chunks)):
+            grid[i][j] = block(I, chunks[j])
+            if j != i:
+                grid[j][i] = grid[i][j].T
+    return torch.cat([torch.cat(row, 1) for row in grid], 0)
+
+
+def gram_from_rows(chunks: list[tuple[int, int]], rows_of) -> torch.Tensor:
+    """``F F^T`` for ``F`` = the rows ``rows_of(start, stop)`` of every chunk, with at most two chunks of
+    rows alive: a row chunk is formed once, the column chunks are formed again for each row chunk."""
+    current: dict = {}
+
+    def block(I, J):
+        if I not in current:
+            current.clear()
+            current[I] = rows_of(*I)
+        f_i = current[I]
+        return f_i @ (f_i if J == I else rows_of(*J)).T
+
+    return symmetric_from_blocks(chunks, block)
+
+
 def _versions(inp, out) -> tuple:
     return (inp._version if isinstance(inp, torch.Tensor) else None, out._version)
 

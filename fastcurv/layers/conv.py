@@ -24,17 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcurv.layers.base import common_dtype, describe, rows
+from fastcurv.layers.base import budget_chunks, common_dtype, describe, gram_from_rows, rows
 from fastcurv.layers.linear import SpatialMapLayer
 from fastcurv.layers.registry import register
 
 __all__ = ["ConvLayer", "CONV_PATHS"]
 
 CONV_PATHS = ("auto", "kernel", "unfold")
-
-# The kernel path materializes B x P per layer; above this many elements the batch is chunked so a
-# large layer never allocates all per-example gradients at once (norms and the Gram matrix).
-MAX_MATERIALIZED_ELEMENTS = 1 << 24
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -140,8 +136,8 @@ class ConvLayer(SpatialMapLayer):
         return [g for g in (weight_grad, bias_grad) if g is not None]
 
     def _chunks(self, B: int):
-        size = max(1, MAX_MATERIALIZED_ELEMENTS // max(1, sum(p.numel() for _, p in self.params)))
-        return [(s, min(B, s + size)) for s in range(0, B, size)] or [(0, 0)]
+        """The kernel path materializes B x P per layer: chunks of the batch within the budget."""
+        return budget_chunks(B, sum(p.numel() for _, p in self.params))
 
     # ------------------------------------------------------------------ quantities
     def _per_example_grads(self, deltas):
@@ -163,21 +159,7 @@ class ConvLayer(SpatialMapLayer):
         def flat(s, e):
             return torch.cat([rows(g) for g in self._kernel_grads(deltas, s, e)], 1)
 
-        chunks = self._chunks(deltas[0].shape[0])
-        if len(chunks) == 1:
-            f = flat(*chunks[0])
-            return f @ f.T
-        # Blocks G[I, J] = F_I F_J^T with at most two chunks of per-example gradients alive: the
-        # column chunks are recomputed per row chunk (n(n+1)/2 kernel calls) rather than holding B x P.
-        blocks = [[None] * len(chunks) for _ in chunks]
-        for i, (s, e) in enumerate(chunks):
-            f_i = flat(s, e)
-            for j in range(i, len(chunks)):
-                f_j = f_i if j == i else flat(*chunks[j])
-                blocks[i][j] = f_i @ f_j.T
-                if j != i:
-                    blocks[j][i] = blocks[i][j].T
-        return torch.cat([torch.cat(row, 1) for row in blocks], 0)
+        return gram_from_rows(self._chunks(deltas[0].shape[0]), flat)
 
     def _dot(self, deltas, vectors):
         """``g_i . v_k = sum_t delta_it . (V_k a_it)``: one forward convolution of the input with the K

@@ -15,15 +15,12 @@ import torch
 from torch import nn
 
 from fastcurv import ops, reference
-from fastcurv.layers.base import CapturedLayer, batched_pairs, common_dtype, describe
+from fastcurv.layers.base import (CapturedLayer, batched_pairs, budget_chunks, chunk_ranges, common_dtype, describe,
+                                  gram_from_rows, symmetric_from_blocks, within_budget)
+from fastcurv.layers import base
 from fastcurv.layers.registry import register
 
 __all__ = ["LinearMapLayer", "SpatialMapLayer", "LinearLayer"]
-
-# Squared norms and Gram matrices with T > 1 hold T x T Gram pairs or d_out x d_in gradients per example
-# while the op runs; above this many elements in all, the batch is split so a long sequence or a wide
-# layer never allocates them for the whole batch at once.
-MAX_INTERMEDIATE_ELEMENTS = 1 << 24
 
 
 class LinearMapLayer(CapturedLayer):
@@ -80,10 +77,9 @@ class LinearMapLayer(CapturedLayer):
             # Each (example, group) row holds a T x T Gram pair (ghost) or a d_out x d_in gradient
             # (materialized) while the op runs: split the rows so that never exceeds the budget.
             per_row = 0 if T == 1 else (2 * T * T if reference.use_ghost(T, d_in, d.shape[-1]) else d_in * d.shape[-1])
-            step = max(1, MAX_INTERMEDIATE_ELEMENTS // max(1, per_row))
-            s = torch.cat([ops.per_example_sqnorm(a[i:i + step], d[i:i + step], bias=self.bias_trainable)
-                           for i in range(0, B * G, step)]) if step < B * G else \
-                ops.per_example_sqnorm(a, d, bias=self.bias_trainable)
+            chunks = budget_chunks(B * G, per_row)
+            parts = [ops.per_example_sqnorm(a[s:e], d[s:e], bias=self.bias_trainable) for s, e in chunks]
+            s = parts[0] if len(parts) == 1 else torch.cat(parts)
             return s.view(B, G).sum(1)
         return d.sum(2).square().sum((1, 2))  # bias only
 
@@ -103,33 +99,24 @@ class LinearMapLayer(CapturedLayer):
         B, T, d_in = a.shape
         d_out = d.shape[-1]
         ghost = T > 1 and reference.use_ghost(T, d_in, d_out)
-        whole = (B * T) ** 2 if ghost else (B * d_in * d_out if T > 1 else 0)
-        if whole <= MAX_INTERMEDIATE_ELEMENTS:
+        if within_budget((B * T) ** 2 if ghost else (B * d_in * d_out if T > 1 else 0)):
             return ops.per_example_gram(a, d, bias=self.bias_trainable)
-        step = max(1, math.isqrt(MAX_INTERMEDIATE_ELEMENTS) // T if ghost else MAX_INTERMEDIATE_ELEMENTS // (d_in * d_out))
-        chunks = [(s, min(B, s + step)) for s in range(0, B, step)]
         a, d = common_dtype(a, d)
-
-        def block(I, J):
-            (s, e), (u, v) = I, J
-            if ghost:  # sum_{t,s} (a_it . a_js)(d_it . d_js)
+        if ghost:
+            def block(I, J):  # sum_{t,s} (a_it . a_js)(d_it . d_js), + the bias gradients' dot products
+                (s, e), (u, v) = I, J
                 prod = (a[s:e].reshape(-1, d_in) @ a[u:v].reshape(-1, d_in).T) * (d[s:e].reshape(-1, d_out) @ d[u:v].reshape(-1, d_out).T)
                 out = prod.reshape(e - s, T, v - u, T).sum((1, 3))
-            else:
-                gi = (d[s:e].transpose(1, 2) @ a[s:e]).reshape(e - s, -1)
-                gj = gi if I == J else (d[u:v].transpose(1, 2) @ a[u:v]).reshape(v - u, -1)
-                out = gi @ gj.T
-            if self.bias_trainable:
-                out = out + d[s:e].sum(1) @ d[u:v].sum(1).T
-            return out
+                return out + d[s:e].sum(1) @ d[u:v].sum(1).T if self.bias_trainable else out
 
-        rows = [[None] * len(chunks) for _ in chunks]
-        for i, I in enumerate(chunks):
-            for j in range(i, len(chunks)):
-                rows[i][j] = block(I, chunks[j])
-                if j != i:
-                    rows[j][i] = rows[i][j].T
-        return torch.cat([torch.cat(r, 1) for r in rows], 0)
+            # a block of b examples holds (b T)^2 elements
+            return symmetric_from_blocks(chunk_ranges(B, math.isqrt(base.MAX_INTERMEDIATE_ELEMENTS) // T), block)
+
+        def rows_of(s, e):  # per-example gradients, weight then bias, flattened
+            g = (d[s:e].transpose(1, 2) @ a[s:e]).reshape(e - s, -1)
+            return torch.cat([g, d[s:e].sum(1)], 1) if self.bias_trainable else g
+
+        return gram_from_rows(budget_chunks(B, d_in * d_out), rows_of)
 
     def _dot(self, deltas, vectors):
         a, d = self.operands(deltas)
