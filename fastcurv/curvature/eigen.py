@@ -225,13 +225,19 @@ def _next_block(W, basis, rows, scale, generator, A):
     Q, coupling = Q[:rows], coupling[:rows].cpu()
     missing = rows - Q.shape[0]
     if missing:
-        fresh = _random_block(A.num_params, missing, A, generator).T
-        for _ in range(2):
-            fresh = fresh - (fresh @ basis.T) @ basis
-            fresh = fresh - (fresh @ Q.T) @ Q
-        Q = torch.cat([Q, torch.linalg.qr(fresh.T).Q.T])
+        Q = torch.cat([Q, _fresh_directions(missing, (basis, Q), generator, A)])
         coupling = torch.cat([coupling, coupling.new_zeros(missing, W.shape[0])])
     return Q.contiguous(), coupling
+
+
+def _fresh_directions(count, orthogonal_to, generator, A) -> torch.Tensor:
+    """``count`` random orthonormal rows orthogonal to the rows of every tensor in ``orthogonal_to``
+    (two Gram-Schmidt passes): where the Krylov space became invariant, the iteration continues from them."""
+    fresh = _random_block(A.num_params, count, A, generator).T
+    for _ in range(2):
+        for V in orthogonal_to:
+            fresh = fresh - (fresh @ V.T) @ V
+    return torch.linalg.qr(fresh.T).Q.T
 
 
 class _OrthogonalityEstimate:
@@ -258,9 +264,9 @@ class _OrthogonalityEstimate:
             t = betas * cur[1 : j + 1] + (alpha[:j] - alpha[j]) * cur[:j]
             t[1:] += betas[: j - 1] * cur[: j - 1]
             t -= betas[j - 1] * prev[:j]
-            # Rounding feeds the recurrence: add its size with the sign that grows the estimate.
-            noise = self.eps * scale / beta
-            omega[:j] = (t + torch.where(t >= 0, noise, -noise) * beta) / beta
+            # Rounding feeds the recurrence: add its size, eps ||A||, with the sign that grows the estimate.
+            noise = self.eps * scale
+            omega[:j] = (t + torch.where(t >= 0, noise, -noise)) / beta
         self.previous, self.current = self.current, omega
         reorthogonalize = self.force_next or bool((omega[: j + 1].abs() > self.limit).any())
         # Reorthogonalize two consecutive vectors: q_{j+2}'s estimate is built from q_{j+1}'s and q_j's.
@@ -334,7 +340,7 @@ def _lanczos(A, k, tol, m_max, which, generator, progress):
             else:
                 # An invariant subspace: continue from a fresh random direction orthogonal to the basis,
                 # with zero coupling, so eigenvalues the start vector missed are still found.
-                q, beta = _next_block(w[None] * 0, basis[:m], 1, scale, generator, A)[0][0], 0.0
+                q, beta = _fresh_directions(1, (basis[:m],), generator, A)[0], 0.0
             betas[m - 1] = beta
     finally:
         bar.close()

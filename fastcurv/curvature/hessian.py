@@ -134,9 +134,10 @@ class Hessian(CurvatureOperator):
         if not live:
             return [None] * len(self.params)
         K = blocks[0].shape[0]
-        # On the CPU, K plain backwards through the kept graph beat one is_grads_batched backward (its
-        # vmap costs ~15-20% more per column: MLP 2.5 vs 2.9, CNN 1.6 vs 2.0 gradient-equivalents per
-        # vector at K = 8, 2-core CPU, torch 2.13); on accelerators the batched backward is one launch.
+        # On the CPU, K plain backwards through the kept graph beat one is_grads_batched backward, whose
+        # vmap costs ~25% more per column (the backward calls alone, in gradient-equivalents per vector
+        # at K = 8, quiet 2-core CPU, torch 2.13: MLP 1.42 vs 1.78, CNN 2.10 vs 2.73); on accelerators
+        # the batched backward is one launch.
         columns = range(K) if K == 1 or self.device.type == "cpu" else [None]
         out = []
         with torch.enable_grad():
