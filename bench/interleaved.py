@@ -18,14 +18,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_bench_steps import REGSTEP, SUBBATCHES, rules_case, step_case  # noqa: E402
+from test_bench_steps import REGSTEP, rule_step, rules_case, step_case, subbatch_steps  # noqa: E402
 
-from fastcurv.regularizers import SubBatchGradNorm  # noqa: E402
-from fastcurv.train import RULES, make_rule  # noqa: E402
-from fastcurv.train.loop import per_example_loss  # noqa: E402
+from fastcurv.train import RULES  # noqa: E402
 
 GROUPS = ["rules-mlp"] + [f"{kind}-{case}" for kind in ("subbatch", "regstep") for case in ("mlp", "cnn", "resnet18")]
 
@@ -35,29 +32,9 @@ def contenders(group: str) -> dict:
     dev = torch.device("cpu")
     kind, case = group.split("-", 1)
     if kind == "rules":
-        steps = {}
-        for rule in RULES:
-            model, x, y = rules_case(dev)
-            bound = make_rule(rule).bind(model, per_example_loss("hinge" if rule == "fisher" else "cross_entropy"), epochs=10)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-            steps[rule] = (lambda b=bound, x=x, y=y, o=opt: b.step(x, y, o, epoch=0))
-        return steps
+        return {rule: rule_step(rule, *rules_case(dev)) for rule in RULES}
     if kind == "subbatch":
-        model, x, y = step_case(case, dev, train_batchnorm=True)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        reg = SubBatchGradNorm(model, alpha=1e-4, beta=10.0, num_subbatches=SUBBATCHES)
-
-        def sgd_step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        def subbatch_step():
-            opt.zero_grad(set_to_none=True)
-            reg.backward(x, y)
-            opt.step()
-
-        return {"sgd_step": sgd_step, "subbatch_step": subbatch_step}
+        return subbatch_steps(*step_case(case, dev, train_batchnorm=True))
     model, x, y = step_case(case, dev)
     return {name: (lambda fn=REGSTEP[name](model): fn(model, x, y)) for name in ("plain_step", "fastcurv", "sam", "gnp")}
 

@@ -176,13 +176,9 @@ def test_regularized_step(benchmark, record, dev, case, contender):
 SUBBATCHES = 8  # paper 001's M
 
 
-@pytest.mark.parametrize("contender", ["sgd_step", "subbatch_step"])
-@pytest.mark.parametrize("case", ["mlp", "cnn", "resnet18"])
-def test_subbatch_step(benchmark, record, dev, case, contender):
-    # ResNet-18 trains with BatchNorm in train mode, as in the paper (sub-batch statistics for R_alpha)
-    model, x, y = step_case(case, dev, train_batchnorm=True)
-    record(f"subbatch-{case}", contender=contender, batch=x.shape[0], num_subbatches=SUBBATCHES,
-           batchnorm="train" if case == "resnet18" else "none")
+def subbatch_steps(model, x, y) -> dict:
+    """``{"sgd_step", "subbatch_step"}``: a plain SGD step and the R_alpha step (M = SUBBATCHES), sharing
+    one optimizer; also used by ``bench/interleaved.py``."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     reg = SubBatchGradNorm(model, alpha=1e-4, beta=10.0, num_subbatches=SUBBATCHES)
 
@@ -196,7 +192,18 @@ def test_subbatch_step(benchmark, record, dev, case, contender):
         reg.backward(x, y)
         opt.step()
 
-    fn = sgd_step if contender == "sgd_step" else subbatch_step
+    return {"sgd_step": sgd_step, "subbatch_step": subbatch_step}
+
+
+@pytest.mark.parametrize("contender", ["sgd_step", "subbatch_step"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "resnet18"])
+def test_subbatch_step(benchmark, record, dev, case, contender):
+    # ResNet-18 trains with BatchNorm in train mode, as in the paper (sub-batch statistics for R_alpha)
+    model, x, y = step_case(case, dev, train_batchnorm=True)
+    record(f"subbatch-{case}", contender=contender, batch=x.shape[0], num_subbatches=SUBBATCHES,
+           batchnorm="train" if case == "resnet18" else "none")
+    steps = subbatch_steps(model, x, y)
+    fn, sgd_step = steps[contender], steps["sgd_step"]
 
     def run():
         fn()
@@ -215,16 +222,23 @@ def rules_case(dev):
     return model.to(dev), x.to(dev), y.to(dev)
 
 
+def rule_step(rule, model, x, y):
+    """One training step of ``rule`` on ``(x, y)`` (fisher trains on the hinge loss, as its paper does);
+    also used by ``bench/interleaved.py``."""
+    loss = "hinge" if rule == "fisher" else "cross_entropy"
+    bound = make_rule(rule).bind(model, per_example_loss(loss), epochs=10)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    return lambda: bound.step(x, y, opt, epoch=0)
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_rule_step(benchmark, record, dev, rule):
     model, x, y = rules_case(dev)
     record("rules-mlp", rule=rule, batch=x.shape[0])
-    loss = "hinge" if rule == "fisher" else "cross_entropy"
-    r = make_rule(rule).bind(model, per_example_loss(loss), epochs=10)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    step = rule_step(rule, model, x, y)
 
     def run():
-        r.step(x, y, opt, epoch=0)
+        step()
         sync(dev)
 
     benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
