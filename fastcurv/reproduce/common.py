@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastcurv.reproduce.verdict import mean_std
+from fastcurv.reproduce.verdict import mean_std, present
 
 BUDGETS = ("tiny", "quick", "full")  # tiny: seconds, for the tests (hidden from --help)
 
@@ -95,7 +95,7 @@ def format_cell(values) -> str:
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "n/a"
-    finite = sum(1 for v in values if v is not None and not math.isnan(v))
+    finite = len(present(values))
     missing = f" ({finite} of {len(values)} seeds)" if finite < len(values) else ""
     return f"{mean:.4f} ± {std:.4f}{missing}"
 

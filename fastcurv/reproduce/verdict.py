@@ -94,9 +94,14 @@ def decide(test: dict, expected: str, alpha: float = ALPHA) -> str:
     return REPRODUCED if (mean > 0) == (expected == "greater") else CONTRADICTED
 
 
+def present(values) -> list[float]:
+    """The values that are not missing (None or NaN)."""
+    return [x for x in values if x is not None and not math.isnan(x)]
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample std (ddof=1; 0 for one value) ignoring NaNs; ``(nan, nan)`` when empty."""
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+    v = np.asarray(present(values), dtype=np.float64)
     if v.size == 0:
         return math.nan, math.nan
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
