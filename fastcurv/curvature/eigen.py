@@ -282,9 +282,8 @@ def _lanczos(A, k, tol, m_max, which, generator, progress):
     """Single-vector Lanczos with partial reorthogonalization (:class:`_OrthogonalityEstimate`).
 
     The basis is kept as contiguous rows ``[m, P]``; a step is one product, two vector updates and, only
-    when the estimate asks for it, a full pass over the basis. The tridiagonal entries stay Python
-    floats until the small eigenproblem, so the per-step overhead outside the product is a few
-    vector operations."""
+    when the estimate asks for it, a full pass over the basis. The tridiagonal entries live in small
+    float64 vectors on the CPU, read back as Python floats where a step needs them."""
     P = A.num_params
     basis = torch.empty(m_max, P, dtype=A.dtype, device=A.device)  # rows; never zero-filled
     alpha = torch.zeros(m_max, dtype=torch.float64)
