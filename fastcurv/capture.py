@@ -53,6 +53,7 @@ from fastcurv.layers.base import CapturedLayer, describe, rows
 from fastcurv.layers.embedding import EmbeddingLayer
 from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.generic import replaying
+from fastcurv.layers.reparam import ReparamLayer, parametrization_prefixes, reparametrized
 from fastcurv.layers.norm import frozen_stats_forward, stats_gate_closed, uses_batch_stats
 
 __all__ = ["capture", "Capture", "CapturedLayer", "GenericRuleWarning", "SUPPORTED_MODULES", "BATCHNORM_MODES"]
@@ -103,12 +104,23 @@ class Capture:
         self._patched: list = []
         self._batch: Optional[int] = None
         self._coupled: list[str] = []  # BatchNorms that normalized with batch statistics (mode "exact")
-        ignored = self._resolve_ignore(model, ignore)
+        self._ignore = ignore
+        self._build_layers()
+
+    def _build_layers(self) -> None:
+        """Which rule serves which trainable module, from the current ``requires_grad`` flags (rebuilt
+        at ``__enter__`` when they changed since: gradual unfreezing, freezing a head)."""
+        model = self.model
+        ignored = self._resolve_ignore(model, self._ignore)
+        self._flags = _trainable_flags(model)
         self.layers: list[CapturedLayer] = []
         self.generic: dict[str, str] = {}
         self._batchnorms: list[tuple[str, nn.Module]] = []
         claimed: set[str] = set()
+        inside_parametrizations = parametrization_prefixes(model)  # served with their parametrized module
         for mname, module in model.named_modules():
+            if any(mname == c or mname.startswith(c + ".") for c in inside_parametrizations):
+                continue
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 # checked even when ignored or frozen: batch statistics corrupt every other layer's delta
                 self._batchnorms.append((mname, module))
@@ -116,14 +128,17 @@ class Capture:
                 continue
             rule, why = rule_for(module)
             recurse = bool(rule is not None and getattr(rule, "claims_subtree", False))
-            trainable = [
-                (f"{mname}.{pname}" if mname else pname, p)
-                for pname, p in module.named_parameters(recurse=recurse)
-                if p.requires_grad
-            ]
+            kinds = reparametrized(module)
+            named = list(module.named_parameters(recurse=recurse))
+            named += [(n, p) for stored in kinds.values() for n, p in stored if all(p is not q for _, q in named)]
+            trainable = [(f"{mname}.{pname}" if mname else pname, p) for pname, p in named if p.requires_grad]
             if recurse:
                 claimed.add(mname)
             if not trainable:
+                continue
+            if kinds and (rule is not None or any(p.requires_grad for s in kinds.values() for _, p in s)):
+                layer = ReparamLayer(mname, module, trainable, rule, kinds)  # refuses rules it cannot serve
+                self.layers.append(layer)
                 continue
             if rule is None:
                 if self.strict:
@@ -180,13 +195,19 @@ class Capture:
     def __enter__(self) -> "Capture":
         if self._handles:
             raise RuntimeError("fastcurv.capture: this Capture is already active (nested `with`)")
+        if _trainable_flags(self.model) != self._flags:
+            self._build_layers()  # requires_grad changed since this Capture was built: serve the current flags
         self.clear()
         if self.generic:
             names = ", ".join(f"'{n}' ({why})" for n, why in self.generic.items())
             _report_once(f"fastcurv.capture: exact but materialized generic rule for {names}")
         try:
             for layer in self.layers:
-                self._handles.append(layer.module.register_forward_hook(_RecordHook(layer, self), with_kwargs=True))
+                # prepend: record what the layer's parameters produced, before a user hook replaces the output
+                self._handles.append(layer.module.register_forward_hook(_RecordHook(layer, self), with_kwargs=True,
+                                                                        prepend=True))
+                if isinstance(layer, ReparamLayer):
+                    self._handles.extend(layer.install())
             for name, bn in self._batchnorms:
                 if self.batchnorm == "frozen_stats":
                     self._patch_forward(bn, _FrozenStatsForward(bn))
@@ -587,6 +608,11 @@ def _embedding_linear_cross(emb, d_emb, lin, d_lin, gram: bool = False) -> torch
     picked = dl.index_select(2, tok.flatten()).view(B, dl.shape[1], B, T)  # [j, s, i, t]: d_lin[j, s, tok_it]
     dots = torch.einsum("jsd,itd->jsit", a.to(de.dtype), de)
     return torch.einsum("jsit,jsit,it->ij", picked.to(dots.dtype), dots, keep.to(dots.dtype))
+
+
+def _trainable_flags(model: nn.Module) -> tuple:
+    """``requires_grad`` of every parameter: the Capture's layers were chosen from these flags."""
+    return tuple((id(p), p.requires_grad) for p in model.parameters())
 
 
 def _graph_edges(losses: torch.Tensor):

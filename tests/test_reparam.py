@@ -1,0 +1,138 @@
+"""Layers whose weights are rebuilt before the forward (prune, weight_norm, spectral_norm,
+parametrizations): per-example gradients w.r.t. the stored parameters against a float64 loop of
+separate per-example forwards (norms, Gram, per_example_grads names, the penalty's gradient)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize, prune
+
+import fastcurv
+
+KINDS = ["prune", "weight_norm_hook", "spectral_norm_hook", "weight_norm", "spectral_norm", "orthogonal",
+         "prune_conv", "weight_norm_embedding"]
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "prune_conv":
+        m = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+        prune.random_unstructured(m[0], "weight", amount=0.5)
+        return m.double()
+    if kind == "weight_norm_embedding":
+        m = nn.Sequential(nn.Embedding(9, 4), nn.Flatten(), nn.Linear(12, 3))
+        parametrizations.weight_norm(m[0])
+        return m.double()
+    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm is deprecated, still used
+        if kind == "prune":
+            prune.l1_unstructured(m[0], "weight", amount=0.4)
+            prune.random_unstructured(m[0], "bias", amount=0.3)
+        elif kind == "weight_norm_hook":
+            torch.nn.utils.weight_norm(m[2])
+        elif kind == "spectral_norm_hook":
+            torch.nn.utils.spectral_norm(m[2])
+        elif kind == "weight_norm":
+            parametrizations.weight_norm(m[0])
+        elif kind == "spectral_norm":
+            parametrizations.spectral_norm(m[2])
+        elif kind == "orthogonal":
+            parametrizations.orthogonal(m[2])
+    return m
+
+
+def _inputs(kind: str, B: int = 5):
+    g = torch.Generator().manual_seed(1)
+    if kind == "prune_conv":
+        x = torch.randn(B, 2, 6, generator=g, dtype=torch.float64)
+    elif kind == "weight_norm_embedding":
+        x = torch.randint(0, 9, (B, 3), generator=g)
+    else:
+        x = torch.randn(B, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (B,), generator=g)
+
+
+def _buffers(m):
+    return [b.detach().clone() for b in m.buffers()]
+
+
+def _restore(m, saved):
+    with torch.no_grad():
+        for b, v in zip(m.buffers(), saved):
+            if not torch.equal(b, v):  # only spectral norm's u, v change (a mask's in-place copy would break graphs)
+                b.copy_(v)
+
+
+def _oracle(m, x, y, names, state):
+    """Per-example gradients of the stored parameters, one forward per example (each from the same
+    spectral-norm state as the batched forward, so its power iteration gives the same u, v)."""
+    params = dict(m.named_parameters())
+    rows = []
+    for i in range(x.shape[0]):
+        _restore(m, state)
+        loss = F.cross_entropy(m(x[i:i + 1]), y[i:i + 1], reduction="sum")
+        g = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+        rows.append(torch.cat([t.flatten() for t in g]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_reparametrized_layers_match_float64_loop(kind, train):
+    m = _model(kind).train(train)
+    x, y = _inputs(kind)
+    state = _buffers(m)
+    with fastcurv.capture(m) as cap:
+        out = m(x)
+    after = _buffers(m)
+    losses = F.cross_entropy(out, y, reduction="none")
+    grads = cap.per_example_grads(losses)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert sorted(grads) == sorted(trainable)  # keyed by the stored names (weight_orig, original0, ...)
+    names = list(grads)
+    ref = _oracle(m, x, y, names, state)
+    got = torch.cat([grads[n].flatten(1) for n in names], 1)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-9, atol=1e-11)
+    s = cap.per_example_sqnorms(losses)
+    torch.testing.assert_close(s, ref.detach().square().sum(1), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(cap.per_example_gram(losses), ref.detach() @ ref.detach().T, rtol=1e-9, atol=1e-11)
+    # the penalty's gradient w.r.t. the stored parameters, through the reparametrization
+    s = cap.per_example_sqnorms(losses, create_graph=True)
+    params = [dict(m.named_parameters())[n] for n in names]
+    got_pen = torch.autograd.grad(s.sum(), params, retain_graph=True)
+    ref_pen = torch.autograd.grad(ref.square().sum(), params)
+    for n, a, b in zip(names, got_pen, ref_pen):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=n)
+    # the capture ran the power iteration exactly as often as an uncaptured forward
+    _restore(m, state)
+    m(x)
+    for a, b in zip(after, _buffers(m)):
+        torch.testing.assert_close(a, b)
+
+
+def test_reparametrized_rule_it_cannot_serve_is_refused():
+    m = nn.Sequential(nn.Linear(4, 4), nn.PReLU())
+    prune.random_unstructured(m[1], "weight", amount=0.0)
+    with pytest.raises(TypeError, match=r"'1' \(PReLU\) has reparametrized tensors \['weight'\]"):
+        fastcurv.capture(m)
+
+
+def test_parametrization_inside_cached_context_and_second_step():
+    """A user's own parametrize.cached() around the forward, and a second capture step (the recorded
+    weight of the first step is not reused)."""
+    m = _model("spectral_norm")
+    x, y = _inputs("spectral_norm")
+    cap = fastcurv.capture(m)
+    for _ in range(2):
+        state = _buffers(m)
+        with parametrize.cached(), cap:
+            out = m(x)
+        losses = F.cross_entropy(out, y, reduction="none")
+        s = cap.per_example_sqnorms(losses, create_graph=True)
+        names = [n for n, _ in cap.params]
+        ref = _oracle(m, x, y, names, state)
+        torch.testing.assert_close(s.detach(), ref.detach().square().sum(1), rtol=1e-9, atol=1e-11)
+        (losses.mean() + s.mean()).backward()
