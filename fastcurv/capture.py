@@ -374,6 +374,12 @@ class Capture:
         return out
 
     def _check_losses(self, losses) -> None:
+        if _trainable_flags(self.model) != self._flags:
+            raise RuntimeError(
+                "fastcurv.capture: requires_grad of some parameters changed after this forward was captured; the "
+                "captured layers follow the flags at the start of the `with` block. Change requires_grad before "
+                "entering the capture (a Capture re-reads the flags at each `with`)."
+            )
         if not self.layers or all(not layer.records for layer in self.layers):
             raise RuntimeError(self._nothing_captured())
         uncalled = [layer for layer in self.layers if not layer.records]
