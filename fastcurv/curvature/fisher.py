@@ -114,7 +114,8 @@ class EmpiricalFisher(CurvatureOperator):
                 losses = self._losses(self.model(x), y, n)
                 deltas = cap.deltas(losses)
             self._check_coverage(cap)
-            item = (cap.layers, [d.detach() for d in deltas], n)
+            # a layer recorded several times (LSTM steps, a reused Linear) has one delta per call
+            item = (cap.layers, [[t.detach() for t in d] if isinstance(d, list) else d.detach() for d in deltas], n)
             if self.cache:
                 kept.append(item)
             yield item
