@@ -418,12 +418,18 @@ class Capture:
         return isinstance(r.input, torch.Tensor) and layer.layout_is_ambiguous(r.input, self.batch_size)
 
     def _interacting(self, losses, suspects, found) -> list:
-        """Records among ``suspects`` whose delta rows are not per example: with random weights w,
+        """Records among ``suspects`` whose delta rows are not per example: with weights w,
         d(sum_i w_i l_i)/dz must equal w_i * delta row i when row i belongs to example i only."""
         if not suspects:
             return []
+        # powers of two: scaling an example's loss by 2^k scales its own deltas exactly (binary rounding is
+        # scale-invariant), so per-example rows match to the last bit however ill-conditioned the graph is
+        # (a tolerance on random weights refused HF ViT at B = 3 channels), and rows mixing examples with
+        # different weights do not; distinct exponents for up to 8 examples, a random order beyond
         gen = torch.Generator(device="cpu").manual_seed(1234)
-        w = (torch.rand(losses.shape[0], generator=gen, dtype=torch.float64) + 0.5).to(losses.device, losses.dtype)
+        B = losses.shape[0]
+        exponents = (torch.arange(B) % 8 - 4)[torch.randperm(B, generator=gen)]
+        w = torch.pow(2.0, exponents.to(torch.float64)).to(losses.device, losses.dtype)
         weighted = torch.autograd.grad((losses.detach().new_zeros(()) + (w * losses).sum()), [r.output for r in suspects],
                                        retain_graph=True, allow_unused=True)
         bad = []
