@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from fastcurv._build_hint import HOW_TO_GET_KERNELS  # the advice setup.py prints when it skips them
+
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 try:  # registers torch.ops.fastcurv.* and their CPU (and maybe CUDA) kernels
@@ -31,6 +33,18 @@ except ImportError as err:  # pragma: no cover - depends on the build
     _C_ERROR = err
 
 _warned_no_C = False
+
+
+
+def extension_problem() -> str | None:
+    """Why the compiled kernels do not run here (one line with the fix), or None when they load."""
+    if _C is None:
+        if isinstance(_C_ERROR, ModuleNotFoundError) and _C_ERROR.name == "fastcurv._C":
+            what = "fastcurv._C was not built (installed without a C++ toolchain, or with FASTCURV_SKIP_EXT=1)"
+        else:
+            what = f"fastcurv._C failed to load ({_C_ERROR})"
+        return f"{what}: the C++ CPU and CUDA kernels are missing; {HOW_TO_GET_KERNELS}"
+    return None
 
 
 class BackendUnavailable(RuntimeError):
@@ -68,7 +82,7 @@ def _unavailable(name: str, device: torch.device) -> str | None:
             return f"Triton does not support device {device}"
         return None
     if _C is None:
-        return f"the compiled extension fastcurv._C failed to load ({_C_ERROR}); reinstall with `pip install --no-build-isolation -e .`"
+        return extension_problem()
     if name == "cpu":
         return None if device.type == "cpu" else f"backend 'cpu' needs CPU tensors, got {device}"
     if name == "cuda":
@@ -108,7 +122,7 @@ def _warn_no_extension() -> None:
     if not _warned_no_C and _C is None:
         _warned_no_C = True
         warnings.warn(
-            f"fastcurv._C is not available ({_C_ERROR}); using the plain-PyTorch reference ops.",
+            f"{extension_problem()}. Using the plain-PyTorch reference ops (same results, slower).",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -44,10 +44,12 @@ class UsageError(ValueError):
 
 def _version_text() -> str:
     import fastcurv
-    from fastcurv._backend import available
+    from fastcurv._backend import available, extension_problem
 
     backends = ", ".join(f"{name}={'yes' if ok else 'no'}" for name, ok in available().items())
-    return f"fastcurv {fastcurv.__version__} (torch {torch.__version__}; backends: {backends})"
+    missing = extension_problem()
+    return f"fastcurv {fastcurv.__version__} (torch {torch.__version__}; backends: {backends})" + (
+        f"\n{missing}" if missing else "")
 
 
 def _parse_rules(text: str) -> list[str]:
