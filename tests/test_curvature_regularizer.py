@@ -244,3 +244,142 @@ def test_layernorm_torch_func_second_derivatives():
     exact = gradient_by_loop(mlp, x2, y2, loss2, ALPHA)
     for f, e in zip(gradient_by_torch_func(mlp, x2, y2, loss2, ALPHA), exact):
         torch.testing.assert_close(f, e, rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------- cheap estimators: subsample=, every=
+def _exact_penalty_and_grad(model, x, y, loss_fn, alpha):
+    """The float64 per-example reference: alpha * mean_i ||grad l_i||^2 and its parameter gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0.0
+    for i in range(x.shape[0]):
+        gi = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum(), params, create_graph=True)
+        total = total + sum(g.square().sum() for g in gi)
+    penalty = alpha * total / x.shape[0]
+    return penalty.detach(), torch.autograd.grad(penalty, params)
+
+
+@pytest.mark.parametrize("make", [tanh_mlp, cnn_eval_batchnorm, layernorm_model], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_subsample_mean_over_all_subsets_is_the_full_penalty(make, b):
+    import itertools
+
+    torch.manual_seed(0)
+    model, x, y, loss_fn = make()
+    reg = Curvature(model, alpha=ALPHA, subsample=b, loss_fn=loss_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want_value, want_grad = _exact_penalty_and_grad(model, x, y, loss_fn, ALPHA)
+    subsets = list(itertools.combinations(range(B), b))
+    value_sum, grad_sum = 0.0, [torch.zeros_like(p) for p in params]
+    for subset in subsets:
+        index = torch.tensor(subset)
+        estimate = reg.penalty_on(x[index], y[index])
+        value_sum = value_sum + estimate.detach()
+        for acc, g in zip(grad_sum, torch.autograd.grad(estimate, params)):
+            acc += g
+    torch.testing.assert_close(value_sum / len(subsets), want_value)
+    for got, want in zip(grad_sum, want_grad):
+        torch.testing.assert_close(got / len(subsets), want)
+
+
+def test_subsample_call_draws_b_examples_and_uses_only_them():
+    torch.manual_seed(0)
+    model, x, y, loss_fn = tanh_mlp()
+    reg = Curvature(model, alpha=ALPHA, subsample=2, generator=torch.Generator().manual_seed(3))
+    params = list(model.parameters())
+    estimate = reg(x, y)
+    subset = reg.last_subset
+    assert subset.shape == (2,) and len(set(subset.tolist())) == 2
+    assert reg.last_sqnorms.shape == (2,)
+    want_value, want_grad = _exact_penalty_and_grad(model, x[subset], y[subset], loss_fn, ALPHA)
+    torch.testing.assert_close(estimate.detach(), want_value)
+    for got, want in zip(torch.autograd.grad(estimate, params), want_grad):
+        torch.testing.assert_close(got, want)
+    # b >= B: the whole batch, the exact penalty
+    whole = Curvature(model, alpha=ALPHA, subsample=B)(x, y)
+    torch.testing.assert_close(whole.detach(), _exact_penalty_and_grad(model, x, y, loss_fn, ALPHA)[0])
+
+
+def test_subsample_backward_trains_the_data_loss_on_all_examples():
+    torch.manual_seed(0)
+    model, x, y, loss_fn = tanh_mlp()
+    reg = Curvature(model, alpha=ALPHA, subsample=2, generator=torch.Generator().manual_seed(1))
+    penalty = reg.backward(x, y)
+    got = [p.grad.clone() for p in model.parameters()]
+    subset = reg.last_subset
+    params = list(model.parameters())
+    data = torch.autograd.grad(loss_fn(model(x), y).mean(), params)
+    pen_value, pen_grad = _exact_penalty_and_grad(model, x[subset], y[subset], loss_fn, ALPHA)
+    torch.testing.assert_close(penalty, pen_value)
+    for g, d, h in zip(got, data, pen_grad):
+        torch.testing.assert_close(g, d + h)
+
+
+def _one_step(reg, model, x, y, loss_fn, tracked):
+    model.zero_grad(set_to_none=True)
+    if tracked:
+        with reg.track():
+            out = model(x)
+        per_example = loss_fn(out, y)
+        (per_example.mean() + reg(per_example)).backward()
+    else:
+        (loss_fn(model(x), y).mean() + reg(x, y)).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_every_1_is_the_exact_step_bit_for_bit():
+    torch.manual_seed(0)
+    model, x, y, loss_fn = tanh_mlp()
+    exact, every1 = Curvature(model, alpha=ALPHA), Curvature(model, alpha=ALPHA, every=1)
+    for _ in range(3):
+        want = _one_step(exact, model, x, y, loss_fn, tracked=True)
+        got = _one_step(every1, model, x, y, loss_fn, tracked=True)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        with torch.no_grad():  # move, so that the steps differ
+            for p, g in zip(model.parameters(), want):
+                p -= 0.1 * g
+
+
+@pytest.mark.parametrize("tracked", [True, False], ids=["track", "x_y"])
+def test_every_k_reuses_exactly_the_stored_gradient_between_computations(tracked):
+    torch.manual_seed(0)
+    model, x, y, loss_fn = tanh_mlp()
+    k = 3
+    reg = Curvature(model, alpha=ALPHA, every=k, loss_fn=loss_fn)
+    params = list(model.parameters())
+    stored = None
+    for step in range(2 * k + 1):
+        xb = x + 0.1 * step  # a different batch each step
+        computes = step % k == 0
+        assert reg.computes_next == computes
+        if tracked:
+            with reg.track() as cap:
+                assert (cap is None) == (not computes)  # reuse steps record nothing
+        data = torch.autograd.grad(loss_fn(model(xb), y).mean(), params)
+        got = _one_step(reg, model, xb, y, loss_fn, tracked)
+        if computes:
+            value, stored = _exact_penalty_and_grad(model, xb, y, loss_fn, ALPHA)
+            stored_value = value
+        for g, d, h in zip(got, data, stored):
+            torch.testing.assert_close(g, d + h)  # between computations: exactly the stored term
+        torch.testing.assert_close(reg.stored_term().detach(), stored_value)
+        with torch.no_grad():
+            for p, g in zip(params, got):
+                p -= 0.05 * g
+
+
+def test_estimator_option_errors():
+    model, x, y, loss_fn = tanh_mlp()
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="subsample must be None or an int >= 1"):
+            Curvature(model, alpha=1.0, subsample=bad)
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            Curvature(model, alpha=1.0, every=bad if bad is not True else 0)
+    reg = Curvature(model, alpha=1.0, subsample=2)
+    with reg.track():
+        out = model(x)
+    with pytest.raises(TypeError, match=r"call reg\(x, y\) with the batch"):
+        reg(ce(out, y))
+    with pytest.raises(TypeError, match="got 3 arguments"):
+        reg(x, y, y)
+    assert repr(Curvature(model, alpha=1.0, subsample=2, every=4)) == "Curvature(alpha=1.0, subsample=2, every=4)"

@@ -412,7 +412,7 @@ def test_orphan_temp_files_of_a_killed_save_are_removed(tmp_path):
 
 def test_all_rules_listed():
     assert RULES == ("sgd", "l2", "curvature", "fisher", "subbatch", "metric", "selective_l2",
-                     "l2_stopped", "l2_stopped_selective")
+                     "l2_stopped", "l2_stopped_selective", "sam", "gnp", "looksam")
 
 
 def test_fisher_trace_tracking(tmp_path):

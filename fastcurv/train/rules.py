@@ -13,7 +13,8 @@ Rules (``RULES``), with their hyperparameters and defaults:
 
 * ``sgd``: no penalty.
 * ``l2`` (``lam``): ``(lam/2) ||theta||^2``, gradient ``lam * theta``.
-* ``curvature`` (``alpha``): Geng et al., ``alpha * mean_i ||grad l_i||^2`` (exact, double backward).
+* ``curvature`` (``alpha``, ``subsample``, ``every``): Geng et al., ``alpha * mean_i ||grad l_i||^2`` (exact,
+  double backward; ``subsample=b`` / ``every=k``: the cheap estimators of :class:`fastcurv.regularizers.Curvature`).
 * ``fisher`` (``gamma``, ``beta``, ``mode``): the Fisher penalty (docs/METHODS.md section 4) on the last weight layer
   (the classifier), trained with the multiclass hinge loss by default (``fit(loss="auto")``).
 * ``subbatch`` (``alpha``, ``beta``, ``num_subbatches``, ``exact``): Jia & Su's ``beta R_alpha`` (docs/METHODS.md section 3).
@@ -22,6 +23,19 @@ Rules (``RULES``), with their hyperparameters and defaults:
 * ``l2_stopped`` (``lam``, ``tau``): L2 for epochs ``t < tau``, then SGD.
 * ``l2_stopped_selective`` (``lam``, ``selective_lam``, ``omega``, ``tau``): L2 (rate ``lam``) for
   ``t < tau``, then Selective L2 (rate ``selective_lam``; Jarvis 2021 tunes the two rates separately).
+
+* ``sam`` (``rho``, ``adaptive``, ``eta``): SAM (Foret et al. 2021), update direction
+  ``grad L(theta + e)``, ``e = rho g / ||g||``, ``g = grad L(theta)``; ``adaptive=True`` is ASAM (Kwon et al.
+  2021): ``e = rho T^2 g / ||T g||`` with ``T = |w| + eta`` on weights (1 on biases); ASAM's radius is larger
+  (its paper uses rho = 0.5 to 2.0).
+* ``gnp`` (``r``, ``alpha``): gradient-norm penalty by finite differences (Zhao et al. 2022, eq. 9):
+  ``(1 - alpha) grad L(theta) + alpha grad L(theta + r g / ||g||)``.
+* ``looksam`` (``rho``, ``k``, ``alpha``): LookSAM (Liu et al. 2022, Algorithm 1): SAM's gradient ``g_s``
+  every ``k``-th step, storing its component orthogonal to ``g``, ``g_v = g_s - (g_s . g / ||g||^2) g``;
+  on the steps between one gradient and ``g + alpha (||g|| / ||g_v||) g_v``.
+
+These three penalize (to first order) the norm of the *batch* gradient, not the mean per-example norm,
+and each takes two forward+backward passes on the steps where it perturbs (docs/METHODS.md section 7).
 
 ``tau=None`` means half of the run's epochs (resolved by :func:`fastcurv.train.fit`). Epochs are
 0-based, so ``tau`` is the number of epochs with L2.
@@ -37,23 +51,28 @@ import torch
 from torch import nn
 
 RULES = ("sgd", "l2", "curvature", "fisher", "subbatch", "metric", "selective_l2",
-         "l2_stopped", "l2_stopped_selective")
+         "l2_stopped", "l2_stopped_selective", "sam", "gnp", "looksam")
 
 # Defaults in this module's lr-scaled convention. Paper values where they exist: subbatch alpha=1e-4,
 # M=8, beta in Jia & Su's grid {1..100}; fisher gamma=0.01, beta=0.007 (Fisher-regularization paper); the L2, metric and
 # selective rates are Jarvis 2021's Table 4.2 rates for MNIST/Tanh divided by its learning rate 1e-3
 # (L2 1e-5 -> 1e-2, Metric 1e-4 -> 0.1, Selective L2 1e-3 -> 1.0 with omega = 0.001). Curvature's
 # alpha=1e-2 is ours (Geng et al.'s values are for a 3x4096 MLP): checked to train digits to ~97%.
+# SAM's rho=0.05 and ASAM's eta=0.01 are their papers' defaults (ASAM uses a larger rho); GNP's r=0.05 and
+# alpha=0.8 are Zhao et al. 2022's; LookSAM's k=5 and alpha=0.7 are Liu et al. 2022's.
 DEFAULTS: dict[str, dict] = {
     "sgd": {},
     "l2": {"lam": 1e-2},
-    "curvature": {"alpha": 1e-2},
+    "curvature": {"alpha": 1e-2, "subsample": None, "every": 1},
     "fisher": {"gamma": 1e-2, "beta": 7e-3, "mode": "batch"},
     "subbatch": {"alpha": 1e-4, "beta": 10.0, "num_subbatches": 8, "exact": False},
     "metric": {"lam": 0.1, "absolute": False},
     "selective_l2": {"lam": 1.0, "omega": 1e-3},
     "l2_stopped": {"lam": 1e-2, "tau": None},
     "l2_stopped_selective": {"lam": 1e-2, "selective_lam": 1.0, "omega": 1e-3, "tau": None},
+    "sam": {"rho": 0.05, "adaptive": False, "eta": 0.01},
+    "gnp": {"r": 0.05, "alpha": 0.8},
+    "looksam": {"rho": 0.05, "k": 5, "alpha": 0.7},
 }
 
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -151,26 +170,48 @@ class L2Rule(Rule):
 
 class Curvature(Rule):
     name = "curvature"
+    _ESTIMATOR_DEFAULTS = {"subsample": None, "every": 1}
 
     def bind(self, model, loss_fn, epochs):
         from fastcurv.regularizers.curvature import Curvature as CurvatureRegularizer
 
         super().bind(model, loss_fn, epochs)
-        self.reg = CurvatureRegularizer(model, self.hyper["alpha"])
+        self.reg = CurvatureRegularizer(model, self.hyper["alpha"], subsample=self.hyper["subsample"],
+                                        every=self.hyper["every"], loss_fn=loss_fn)
         return self
+
+    def config(self) -> dict:
+        # The estimator options appear only when set: configurations (and checkpoints) of exact runs
+        # stay what they were before the options existed.
+        return {"rule": self.name, **{k: v for k, v in self.hyper.items()
+                                      if self._ESTIMATOR_DEFAULTS.get(k, object()) != v}}
 
     def step(self, x, y, optimizer, epoch, active=True):
         optimizer.zero_grad(set_to_none=True)
         if not active:
             return super().step(x, y, optimizer, epoch, active=False)
-        with self.reg.track():
-            out = self.model(x)
-        per_example = self.loss_fn(out, y)
-        loss = per_example.mean()
-        _check_finite_loss(loss, self.name, epoch)
-        self.reg.backward(per_example)  # (mean + alpha * mean_i ||grad l_i||^2).backward(), fast path
+        if self.hyper["subsample"] is not None:
+            # plain forward on all B for the data loss; the penalty's own captured forward on b of them
+            per_example = self.loss_fn(self.model(x), y)
+            loss = per_example.mean()
+            _check_finite_loss(loss, self.name, epoch)
+            (loss + self.reg(x, y)).backward()
+        else:
+            with self.reg.track():  # with every=k, records nothing on the steps that reuse the stored gradient
+                out = self.model(x)
+            per_example = self.loss_fn(out, y)
+            loss = per_example.mean()
+            _check_finite_loss(loss, self.name, epoch)
+            self.reg.backward(per_example)  # (mean + alpha * mean_i ||grad l_i||^2).backward(), fast path
         optimizer.step()
         return loss.detach()
+
+    def state_dict(self) -> dict:
+        return self.reg.estimator_state() if self.hyper["every"] > 1 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.reg.load_estimator_state(state)
 
 
 def last_weight_layer(model: nn.Module) -> nn.Module:
@@ -308,8 +349,137 @@ class L2StoppedSelective(SelectiveL2, L2Stopped):
         return self.reg if epoch >= self.hyper["tau"] else None
 
 
+class _TwoPassRule(Rule):
+    """Rules that leave a direction built from loss gradients at perturbed weights in ``.grad`` (SAM,
+    ASAM, GNP, LookSAM). :meth:`gradient` does that and restores the weights; :meth:`step` is
+    ``zero_grad``, :meth:`gradient`, ``optimizer.step()``. ``bench/`` times :meth:`gradient` directly."""
+
+    def bind(self, model, loss_fn, epochs):
+        super().bind(model, loss_fn, epochs)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        return self
+
+    def loss_gradient(self, x, y, epoch):
+        """``(mean loss, [grad per parameter])`` at the current weights (zeros for unused parameters)."""
+        loss = self.loss_fn(self.model(x), y).mean()
+        _check_finite_loss(loss, self.name, epoch)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+
+    def gradient_at(self, offsets, x, y, epoch):
+        """``grad L(theta + offsets)``, the weights restored afterwards (copied back: bit for bit)."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.params]
+            torch._foreach_add_(self.params, offsets)
+        try:
+            return self.loss_gradient(x, y, epoch)[1]
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, saved)
+
+    def ascent(self, grads, radius):
+        """SAM's ``radius g / ||g||`` (one norm over all parameters)."""
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return torch._foreach_mul(grads, radius / (norm + 1e-12))
+
+    def direction(self, x, y, epoch):  # pragma: no cover - abstract
+        """``(mean loss at theta, update direction per parameter)``."""
+        raise NotImplementedError
+
+    def gradient(self, x, y, epoch=0):
+        """Write the update direction into ``.grad`` (replacing it); returns the mean loss at ``theta``."""
+        loss, direction = self.direction(x, y, epoch)
+        for p, d in zip(self.params, direction):
+            p.grad = d.detach()
+        return loss
+
+    def step(self, x, y, optimizer, epoch, active=True):
+        if not active:
+            return super().step(x, y, optimizer, epoch, active=False)
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.gradient(x, y, epoch)
+        optimizer.step()
+        return loss
+
+
+class SAM(_TwoPassRule):
+    """SAM (Foret et al. 2021) and, with ``adaptive=True``, ASAM (Kwon et al. 2021)."""
+
+    name = "sam"
+
+    def perturbation(self, grads):
+        rho = self.hyper["rho"]
+        if not self.hyper["adaptive"]:
+            return self.ascent(grads, rho)
+        # ASAM: e = rho T^2 g / ||T g||, T = |w| + eta on weights, 1 elsewhere (ASAM's reference code
+        # scales the parameters named "weight" only)
+        with torch.no_grad():
+            scales = [p.abs() + self.hyper["eta"] if n.rsplit(".", 1)[-1] == "weight" else None for n, p in self.named]
+            scaled = [g if t is None else t * g for g, t in zip(grads, scales)]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled]))
+            return [(g if t is None else t * g) * (rho / (norm + 1e-12)) for g, t in zip(scaled, scales)]
+
+    def direction(self, x, y, epoch):
+        loss, grads = self.loss_gradient(x, y, epoch)
+        return loss, self.gradient_at(self.perturbation(grads), x, y, epoch)
+
+
+class GNP(_TwoPassRule):
+    """Gradient-norm penalty by finite differences (Zhao et al. 2022, eq. 9)."""
+
+    name = "gnp"
+
+    def direction(self, x, y, epoch):
+        loss, grads = self.loss_gradient(x, y, epoch)
+        shifted = self.gradient_at(self.ascent(grads, self.hyper["r"]), x, y, epoch)
+        a = self.hyper["alpha"]
+        return loss, [(1 - a) * g + a * s for g, s in zip(grads, shifted)]
+
+
+class LookSAM(_TwoPassRule):
+    """LookSAM (Liu et al. 2022, Algorithm 1): SAM every ``k`` steps, the stored orthogonal component
+    ``g_v`` reused in between, rescaled to the current gradient's norm."""
+
+    name = "looksam"
+
+    def bind(self, model, loss_fn, epochs):
+        super().bind(model, loss_fn, epochs)
+        k = self.hyper["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"rule 'looksam': k must be an int >= 1 (steps per SAM gradient), got {k!r}")
+        self.steps, self.orthogonal = 0, None
+        return self
+
+    def direction(self, x, y, epoch):
+        loss, grads = self.loss_gradient(x, y, epoch)
+        if self.steps % self.hyper["k"] == 0 or self.orthogonal is None:
+            sam = self.gradient_at(self.ascent(grads, self.hyper["rho"]), x, y, epoch)
+            g_dot_s = sum((g * s).sum() for g, s in zip(grads, sam))
+            g_sq = sum(g.square().sum() for g in grads)
+            coefficient = g_dot_s / (g_sq + 1e-12)
+            self.orthogonal = [s - coefficient * g for g, s in zip(grads, sam)]
+            out = sam
+        else:
+            g_norm = torch.sqrt(sum(g.square().sum() for g in grads))
+            v_norm = torch.sqrt(sum(v.square().sum() for v in self.orthogonal))
+            scale = self.hyper["alpha"] * g_norm / (v_norm + 1e-12)
+            out = [g + scale * v for g, v in zip(grads, self.orthogonal)]
+        self.steps += 1
+        return loss, out
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "orthogonal": None if self.orthogonal is None else [v.detach().cpu() for v in self.orthogonal]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.steps = int(state["steps"])
+            stored = state["orthogonal"]
+            self.orthogonal = None if stored is None else [v.to(p.device, p.dtype) for v, p in zip(stored, self.params)]
+
+
 _CLASSES = {cls.name: cls for cls in (SGD, L2Rule, Curvature, Fisher, SubBatch, Metric, SelectiveL2,
-                                      L2Stopped, L2StoppedSelective)}
+                                      L2Stopped, L2StoppedSelective, SAM, GNP, LookSAM)}
 assert tuple(_CLASSES) == RULES
 
 
