@@ -130,6 +130,9 @@ class Capture:
             recurse = bool(rule is not None and getattr(rule, "claims_subtree", False))
             kinds = reparametrized(module)
             named = list(module.named_parameters(recurse=recurse))
+            if not recurse:  # aliases of a child's parameters (Opacus' DPLSTM.weight_ih_l0) are served by the child
+                held_below = {id(p) for child in module.children() for p in child.parameters()}
+                named = [(n, p) for n, p in named if id(p) not in held_below]
             named += [(n, p) for stored in kinds.values() for n, p in stored if all(p is not q for _, q in named)]
             trainable = [(f"{mname}.{pname}" if mname else pname, p) for pname, p in named if p.requires_grad]
             if recurse:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastcurv.layers.base import CapturedLayer, describe
@@ -36,12 +37,23 @@ class GenericLayer(CapturedLayer):
     reason: str = ""
 
     def record(self, args, kwargs, output):
-        if not isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor):
+            return super().record(args, kwargs, output)
+        # a tuple / dict / any pytree (Opacus' DPLSTM returns (output, (h, c))): its differentiable leaves are
+        # packed into one [B, N] tensor, which is recorded, and the module returns views of it instead
+        leaves, spec = tree_flatten(output)
+        B = _batch_of(args, kwargs)
+        layout = _pytree_layout(leaves, B)
+        if B is None or not any(layout):
             raise TypeError(
-                f"fastcurv.capture: {describe(self.name, self.module)} returned {type(output).__name__}; the generic "
-                "rule needs a single output tensor. Give it a fast rule (fastcurv.layers.register) or ignore it."
+                f"fastcurv.capture: {describe(self.name, self.module)} returned {type(output).__name__} with no "
+                "floating-point tensor that has the batch of its input in one of its dims; the generic rule cannot "
+                "tell which output is per example. Give it a fast rule (fastcurv.layers.register) or ignore it."
             )
-        return super().record(args, kwargs, output)
+        packed = torch.cat([leaf.movedim(dim, 0).reshape(B, -1) for leaf, dim in zip(leaves, layout) if dim is not None], 1)
+        super().record(args, kwargs, packed)
+        self.records[-1].pytree = (spec, layout, [tuple(leaf.shape) for leaf in leaves])
+        return tree_unflatten(_unpacked(packed, leaves, layout), spec)
 
     def check_input(self, inp):
         pass  # any call signature: the batch is found per argument in _per_example_grads
@@ -67,10 +79,15 @@ class GenericLayer(CapturedLayer):
         n_args = len(rec.args)
         keys = list(rec.kwargs)
 
+        pytree = getattr(rec, "pytree", None)
+
         def one_example(params, *values):
             values = [v.unsqueeze(0) if b else v for v, b in zip(values, batched)]
             out = functional_call(module, params, tuple(values[:n_args]), dict(zip(keys, values[n_args:])))
-            return out.squeeze(0)
+            if pytree is None:
+                return out.squeeze(0)
+            leaves = tree_flatten(out)[0]  # each per-example leaf has size 1 in the recorded batch dim
+            return torch.cat([leaf.movedim(dim, 0).reshape(-1) for leaf, dim in zip(leaves, pytree[1]) if dim is not None])
 
         in_dims = (0,) + tuple(0 if b else None for b in batched)
         _replay["active"] = True
@@ -99,6 +116,37 @@ class GenericLayer(CapturedLayer):
             (out * delta.to(out.dtype)).sum(), list(copies.values()), create_graph=create_graph, allow_unused=True
         )
         return [torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device) if g is None else g for g, (_, p) in zip(grads, self.params)]
+
+
+def _batch_of(args, kwargs):
+    first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor) and a.ndim >= 1), None)
+    return None if first is None else first.shape[0]
+
+
+def _pytree_layout(leaves, B) -> list:
+    """Per leaf: the dim holding the batch (the first of size B) for a floating-point tensor in the
+    graph, else None (an integer tensor, a constant: returned unchanged, not per example)."""
+    out = []
+    for leaf in leaves:
+        dim = None
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad and B is not None:
+            dim = next((d for d, n in enumerate(leaf.shape) if n == B), None)
+        out.append(dim)
+    return out
+
+
+def _unpacked(packed, leaves, layout) -> list:
+    """The leaves again, the packed ones as views of ``packed`` (so the losses depend on the recorded tensor)."""
+    out, start = [], 0
+    for leaf, dim in zip(leaves, layout):
+        if dim is None:
+            out.append(leaf)
+            continue
+        moved = leaf.movedim(dim, 0).shape
+        n = leaf.numel() // max(1, moved[0])
+        out.append(packed[:, start:start + n].reshape(moved).movedim(0, dim))
+        start += n
+    return out
 
 
 def _rtol(t: torch.Tensor) -> float:
