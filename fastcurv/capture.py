@@ -47,6 +47,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from fastcurv.layers import GenericLayer, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, describe, rows
@@ -103,6 +104,8 @@ class Capture:
         self._handles: list = []
         self._patched: list = []
         self._batch: Optional[int] = None
+        self._batch_source = None
+        self._generic_batch = None
         self._coupled: list[str] = []  # BatchNorms that normalized with batch statistics (mode "exact")
         self._ignore = ignore
         self._build_layers()
@@ -125,6 +128,10 @@ class Capture:
                 # checked even when ignored or frozen: batch statistics corrupt every other layer's delta
                 self._batchnorms.append((mname, module))
             if mname in ignored or any(mname.startswith(c + ".") for c in claimed):
+                continue
+            if isinstance(module, torch.jit.ScriptModule):
+                _refuse_scripted(mname, module)
+                claimed.add(mname)  # frozen: its scripted sub-modules cannot be hooked either, and need not be
                 continue
             rule, why = rule_for(module)
             recurse = bool(rule is not None and getattr(rule, "claims_subtree", False))
@@ -245,6 +252,8 @@ class Capture:
         for layer in self.layers:
             layer.clear()
         self._batch = None
+        self._batch_source = None
+        self._generic_batch = None  # (size, module, input shape) from a generic module's input, used when no fast rule ran
         self._coupled = []
 
     # ---------------------------------------------------------------- state
@@ -264,8 +273,20 @@ class Capture:
     def batch_size(self) -> int:
         """Batch size of the captured forward (dim 0 of the captured modules' batched inputs)."""
         if self._batch is None:
+            if self._generic_batch is not None:
+                return self._generic_batch[0]
             raise RuntimeError(self._nothing_captured())
         return self._batch
+
+    def _batch_origin(self) -> str:
+        """Which module's input set the batch size (for messages)."""
+        if self._batch is not None:
+            (who, shape) = self._batch_source
+        elif self._generic_batch is not None:
+            _, who, shape = self._generic_batch
+        else:
+            return ""
+        return f" (dim 0 of the input {shape} of {who}, the first captured module, was taken as the batch)"
 
     def _nothing_captured(self) -> str:
         if not self.layers:
@@ -279,6 +300,9 @@ class Capture:
         """Called before a call is recorded; returns True when its input is shared by the batch."""
         n = inp.shape[0] if isinstance(inp, torch.Tensor) and inp.ndim >= 1 else None
         if isinstance(layer, GenericLayer) or n is None:
+            if n is not None and self._generic_batch is None:
+                # a model whose only trainable modules have no fast rule (a hand-written LoRA on a frozen base)
+                self._generic_batch = (n, describe(layer.name, layer.module), tuple(inp.shape))
             return False
         if inp.ndim < layer.min_batched_ndim:
             if self._batch is None or not layer.supports_shared_input:
@@ -290,6 +314,7 @@ class Capture:
             return True
         if self._batch is None:
             self._batch = n
+            self._batch_source = (describe(layer.name, layer.module), tuple(inp.shape))
             return False
         if n == self._batch:
             return False
@@ -403,7 +428,11 @@ class Capture:
                 f"{tuple(losses.shape)}{hint}"
             )
         if losses.shape[0] != B:
-            raise ValueError(f"fastcurv.capture: losses has {losses.shape[0]} entries but the captured forward had batch size {B}")
+            raise ValueError(
+                f"fastcurv.capture: losses has {losses.shape[0]} entries but the captured forward had batch size {B}"
+                f"{self._batch_origin()}. Per-example losses need one entry per example; a module whose input has the "
+                "batch flattened into dim 0 (x.view(B * T, E)) gets a batch of B * T: keep the batch in dim 0."
+            )
         if not losses.is_floating_point():
             raise TypeError(f"fastcurv.capture: losses must be floating point, got {losses.dtype}")
         device = next(r.output.device for layer in self.layers for r in layer.records)
@@ -713,6 +742,16 @@ def _report_once(message: str) -> None:
         warnings.warn(message, GenericRuleWarning, stacklevel=3)
 
 
+def _refuse_scripted(name: str, module: nn.Module) -> None:
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise TypeError(
+            f"fastcurv.capture: {describe(name, module)} is a torch.jit.script-ed module holding parameters requiring "
+            f"grad {trainable}; a ScriptModule cannot be hooked, so its per-example gradients cannot be captured. "
+            f"Capture the module before scripting it, freeze it, or pass ignore=['{name}']."
+        )
+
+
 class _RecordHook:
     """Forward hook of one captured layer. Holds the capture only while registered."""
 
@@ -722,6 +761,13 @@ class _RecordHook:
     def __call__(self, module, args, kwargs, output):
         if replaying():
             return None
+        if any(t.is_inference() for t in tree_leaves(output) if isinstance(t, torch.Tensor)):
+            raise RuntimeError(
+                f"fastcurv.capture: {describe(self.layer.name, module)} ran under torch.inference_mode() inside the "
+                "captured forward: its output is an inference tensor, outside autograd, so no loss can depend on its "
+                "parameters through it. Use torch.no_grad() there (its parameters then get zero gradient), freeze "
+                f"it, or pass ignore=['{self.layer.name}']."
+            )
         inp = self.layer.batch_witness(args, kwargs, output)
         shared = self.cap._on_record(self.layer, inp)
         replacement = self.layer.record(args, kwargs, output)

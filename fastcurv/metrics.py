@@ -13,6 +13,8 @@ set and averages; pass such a subset (or an iterable of batches) as ``data``.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,9 +129,21 @@ def fisher_logdet(
     total = 0.0
     for t in range(trials):
         idx = torch.randperm(n, generator=generator)[:subset_size].to(x.device)
-        with capture(model64) as cap:
-            losses = _per_example_ce(model64, x64[idx], labels[idx], "fisher_logdet")
-            gram = cap.per_example_gram(losses).detach()
+        try:
+            with capture(model64) as cap:
+                losses = _per_example_ce(model64, x64[idx], labels[idx], "fisher_logdet")
+                gram = cap.per_example_gram(losses).detach()
+        except RuntimeError as exc:
+            if model64 is model or "dtype" not in str(exc):
+                raise
+            # the forward casts (x.float()), so a float64 copy cannot run: G in the model's own precision
+            # (the singularity tolerance below follows that precision)
+            warnings.warn(f"fisher_logdet: the model's forward does not run in float64 ({exc}); computing G in "
+                          f"{next(model.parameters()).dtype} instead", RuntimeWarning, stacklevel=2)
+            model64, x64 = model, x
+            with capture(model64) as cap:
+                losses = _per_example_ce(model64, x64[idx], labels[idx], "fisher_logdet")
+                gram = cap.per_example_gram(losses).detach()
         _check_all_captured(cap, model64, "fisher_logdet")
         computed_in = gram.dtype
         gram = gram.double()

@@ -114,3 +114,121 @@ def test_generic_rule_on_modules_returning_a_pytree(name):
     torch.testing.assert_close(cap.per_example_sqnorms(losses), G.square().sum(1), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(cap.per_example_gram(losses), G @ G.T, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(out, model(x))  # the module's outputs are unchanged by the packing
+
+
+class HandLoRA(nn.Module):
+    """A hand-written LoRA on a frozen base: the only trainable parameters have no fast rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(4, 3).to(DT).requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(2, 4, dtype=DT))
+        self.B = nn.Parameter(torch.randn(3, 2, dtype=DT))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A.T @ self.B.T
+
+
+def _lone_prelu():
+    m = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 3)).to(DT)
+    m[0].requires_grad_(False)
+    m[2].requires_grad_(False)
+    return m
+
+
+@pytest.mark.parametrize("make", [HandLoRA, _lone_prelu], ids=["hand_lora", "lone_prelu"])
+def test_only_generic_modules_trainable(make):
+    """The generic rule's input sets the batch size when no fast rule ran (was: 'no forward was captured')."""
+    torch.manual_seed(0)
+    model = make()
+    x, y = _inputs("reused_linear")
+    with fastcurv.capture(model) as cap:
+        out = model(x)
+    s = cap.per_example_sqnorms(F.cross_entropy(out, y, reduction="none"))
+    torch.testing.assert_close(s, _per_example_grad_rows(model, x, y).square().sum(1), rtol=1e-9, atol=1e-12)
+
+
+class FlattenedFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        B, T, E = x.shape
+        return self.fc(self.proj(x.reshape(B * T, E)).view(B, T, E).mean(1))
+
+
+def test_flattened_batch_message_names_the_module():
+    model = FlattenedFirst().to(DT)
+    x, y = _inputs("lstm")
+    with fastcurv.capture(model) as cap:
+        out = model(x)
+    with pytest.raises(ValueError, match=r"batch size 15 \(dim 0 of the input \(15, 4\) of module 'proj' \(Linear\)"):
+        cap.per_example_sqnorms(F.cross_entropy(out, y, reduction="none"))
+
+
+class InferenceInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.inference_mode():
+            h = self.a(x)
+        return self.fc(h.clone())
+
+
+def test_inference_mode_inside_the_captured_forward_is_refused():
+    model = InferenceInside().to(DT)
+    x, _ = _inputs("reused_linear")
+    with pytest.raises(RuntimeError, match=r"module 'a' \(Linear\) ran under torch.inference_mode\(\)"):
+        with fastcurv.capture(model):
+            model(x)
+
+
+class Scripted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.jit.script(nn.Linear(4, 4).to(DT))
+        self.fc = nn.Linear(4, 3).to(DT)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.a(x)))
+
+
+def test_jit_scripted_submodule():
+    model = Scripted()
+    with pytest.raises(TypeError, match=r"module 'a' \(RecursiveScriptModule\) is a torch.jit.script-ed module"):
+        fastcurv.capture(model)
+    for p in model.a.parameters():  # frozen: the rest is captured, exact
+        p.requires_grad_(False)
+    x, y = _inputs("reused_linear")
+    with fastcurv.capture(model) as cap:
+        out = model(x)
+    s = cap.per_example_sqnorms(F.cross_entropy(out, y, reduction="none"))
+    torch.testing.assert_close(s, _per_example_grad_rows(model, x, y).square().sum(1), rtol=1e-9, atol=1e-12)
+
+
+class CastingForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.a(x.float())))
+
+
+def test_fisher_logdet_on_a_forward_that_casts():
+    from fastcurv.metrics import fisher_logdet
+
+    torch.manual_seed(0)
+    model = CastingForward().eval()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    with pytest.warns(RuntimeWarning, match="does not run in float64"):
+        got = fisher_logdet(model, x, y, subset_size=4, trials=2)
+    plain = nn.Sequential(model.a, nn.Tanh(), model.fc)  # the same function without the cast: G in float64
+    torch.testing.assert_close(got, fisher_logdet(plain, x, y, subset_size=4, trials=2), rtol=1e-4, atol=1e-4)
