@@ -54,7 +54,7 @@ from fastcurv.layers.base import CapturedLayer, describe, rows
 from fastcurv.layers.embedding import EmbeddingLayer
 from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.generic import replaying
-from fastcurv.layers.reparam import ReparamLayer, parametrization_prefixes, reparametrized
+from fastcurv.layers.reparam import ReparamLayer, check_plain_weights, parametrization_prefixes, reparametrized
 from fastcurv.layers.norm import frozen_stats_forward, stats_gate_closed, uses_batch_stats
 
 __all__ = ["capture", "Capture", "CapturedLayer", "GenericRuleWarning", "SUPPORTED_MODULES", "BATCHNORM_MODES"]
@@ -136,6 +136,7 @@ class Capture:
             rule, why = rule_for(module)
             recurse = bool(rule is not None and getattr(rule, "claims_subtree", False))
             kinds = reparametrized(module)
+            check_plain_weights(mname, module, rule, kinds)
             named = list(module.named_parameters(recurse=recurse))
             if not recurse:  # aliases of a child's parameters (Opacus' DPLSTM.weight_ih_l0) are served by the child
                 held_below = {id(p) for child in module.children() for p in child.parameters()}

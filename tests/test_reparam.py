@@ -136,3 +136,14 @@ def test_parametrization_inside_cached_context_and_second_step():
         ref = _oracle(m, x, y, names, state)
         torch.testing.assert_close(s.detach(), ref.detach().square().sum(1), rtol=1e-9, atol=1e-11)
         (losses.mean() + s.mean()).backward()
+
+
+def test_custom_pre_hook_rebuilding_the_weight_is_refused():
+    lin = nn.Linear(4, 3)
+    raw = lin.weight
+    del lin.weight
+    lin.register_parameter("weight_raw", raw)
+    lin.weight = torch.sin(lin.weight_raw)
+    lin.register_forward_pre_hook(lambda m, a: setattr(m, "weight", torch.sin(m.weight_raw)))
+    with pytest.raises(TypeError, match=r"module '0' \(Linear\).weight is not one of its parameters"):
+        fastcurv.capture(nn.Sequential(lin))

@@ -30,7 +30,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from fastcurv.layers.base import CapturedLayer, describe
 
-__all__ = ["reparametrized", "ReparamLayer", "parametrization_prefixes"]
+__all__ = ["reparametrized", "ReparamLayer", "parametrization_prefixes", "check_plain_weights"]
 
 
 def reparametrized(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -48,6 +48,25 @@ def reparametrized(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]
         elif isinstance(hook, SpectralNorm):
             found[hook.name] = [(hook.name + "_orig", getattr(module, hook.name + "_orig"))]
     return found
+
+
+def check_plain_weights(name: str, module: nn.Module, rule, kinds: dict) -> None:
+    """An attribute rule reads ``module.weight`` / ``module.bias``: refuse one that is not a Parameter of the
+    module and not a known reparametrization (a custom pre-hook rebuilding it from other tensors), since
+    its gradient would be reported under the wrong parameters."""
+    if rule is None or not issubclass(rule, _attribute_rules()):
+        return
+    for attr in ("weight", "bias"):
+        if attr in module._parameters or attr in kinds:
+            continue  # (a parametrized attribute is not read here: spectral_norm would run a power iteration)
+        value = getattr(module, attr, None)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise TypeError(
+                f"fastcurv.capture: {describe(name, module)}.{attr} is not one of its parameters but a tensor rebuilt "
+                f"from others (a custom forward pre-hook?); only torch.nn.utils.prune, weight_norm, spectral_norm and "
+                "parametrize are understood, so per-example gradients w.r.t. the stored parameters would be wrong. "
+                "Use torch.nn.utils.parametrize.register_parametrization, or pass ignore=[...]."
+            )
 
 
 def parametrization_prefixes(model: nn.Module) -> list[str]:
