@@ -171,6 +171,9 @@ def _build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default="fastcurv-compare", help="output folder (results.json, plots, checkpoints)")
     cmp.add_argument("--no-eigenvalue", action="store_true", help="skip the per-epoch top Hessian eigenvalue")
     cmp.add_argument("--no-plots", action="store_true")
+    cmp.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                     help="train every rule and seed for this many seconds of training steps instead of --epochs "
+                          "(evaluation excluded); table and plot of test accuracy against wall time")
 
     tr = sub.add_parser("train", help="train one rule once, with a resumable checkpoint")
     _add_training_args(tr)
@@ -260,11 +263,19 @@ def _cmd_compare(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a file; give a folder for results.json, plots and checkpoints")
     fit_kwargs = _fit_kwargs(args)
+    budget = getattr(args, "time_budget", None)
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UsageError(f"--time-budget must be finite and > 0 seconds, got {budget}")
+    # Equal wall time: the budget ends each run; epochs is only a bound that is never reached.
+    epochs = args.epochs if budget is None else 10**9
     init_kind, init_scale = _init_for(args)
     _check_rules_ready(rules, options, {"dataset": dataset_name, "activation": args.activation, "width": args.width}, args)
     os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
     spec = {"dataset": dataset_name, "activation": args.activation, "width": args.width}
-    results = {"dataset": None, "config": {k: v for k, v in vars(args).items() if k != "command"}, "rules": {}}
+    from fastcurv.reproduce.common import environment
+
+    results = {"dataset": None, "config": {k: v for k, v in vars(args).items() if k != "command"}, "rules": {},
+               "time_budget": budget, "environment": environment()}
     for rule in rules:
         results["rules"][rule] = {"options": options[rule], "runs": []}
     for seed in range(args.seeds):
@@ -278,10 +289,14 @@ def _cmd_compare(args) -> int:
             results["rules"][rule]["training_loss"] = resolve_loss(args.loss, data.task, rule)
             model = _model_for(spec, seed)
             ckpt = os.path.join(args.out, "checkpoints", f"{rule}_seed{seed}.pt")
-            history = fit(model, data, rule=rule, rule_options=options[rule], epochs=args.epochs, seed=seed,
+            history = fit(model, data, rule=rule, rule_options=options[rule], epochs=epochs, seed=seed,
                           init=init_kind, init_scale=init_scale, track_eigenvalue=not args.no_eigenvalue,
-                          checkpoint=ckpt, model_spec={**spec, "seed": seed}, measure_loss=common_loss, **fit_kwargs)
-            results["rules"][rule]["runs"].append({"seed": seed, "history": history.to_list()})
+                          checkpoint=ckpt, model_spec={**spec, "seed": seed}, measure_loss=common_loss,
+                          time_budget=budget, **fit_kwargs)
+            last = history.last
+            results["rules"][rule]["runs"].append({
+                "seed": seed, "history": history.to_list(), "steps_taken": last["steps"],
+                "train_seconds": last["wall_time"], "time_per_step": last["wall_time"] / max(last["steps"], 1)})
             if not args.quiet and _rank() == 0:
                 last = history.last
                 metric = "test_accuracy" if data.task == "classification" else "test_error"
@@ -295,7 +310,8 @@ def _cmd_compare(args) -> int:
         json.dump(results, handle, indent=1, default=float)
     print(_table(results, rules, task))
     if not args.no_plots:
-        written = _plots(results, rules, task, args.out)
+        # per-epoch curves need equal epoch counts; equal-time runs take different numbers of epochs
+        written = _plots(results, rules, task, args.out) if budget is None else _time_plot(results, rules, task, args.out)
         for path in written:
             print(f"wrote {path}")
     print(f"wrote {os.path.join(args.out, 'results.json')}")
@@ -309,7 +325,7 @@ def _check_rules_ready(rules: list[str], options: dict, spec: dict, args) -> Non
 
     for rule in rules:
         try:
-            make_rule(rule, **options[rule]).bind(_model_for(spec, 0), per_example_loss("cross_entropy"), args.epochs)
+            make_rule(rule, **options[rule]).bind(_model_for(spec, 0), per_example_loss("cross_entropy"), max(args.epochs, 1))
         except ImportError as err:
             raise UsageError(f"rule {rule!r} is unavailable: {err}") from None
         except (TypeError, ValueError) as err:
@@ -331,6 +347,8 @@ def _summarize(results: dict, rules: list[str], task: str) -> None:
         runs = results["rules"][rule]["runs"]
         finals = [run["history"][-1] for run in runs]
         summary = {"relative_to": base, "time_per_step": mean_time(rule), "relative_time": mean_time(rule) / base_time}
+        steps, _ = _mean_std([run["steps_taken"] for run in runs])
+        summary["steps_taken"] = steps
         for key in (metric, "gap", "measure_gap", "top_eigenvalue", "param_norm", "train_loss", "test_loss"):
             mean, std = _mean_std([f.get(key, math.nan) for f in finals])
             summary[key] = {"mean": mean, "std": std}
@@ -352,7 +370,53 @@ def _table(results: dict, rules: list[str], task: str) -> str:
                      f"{cells[2]:>24}{cells[3]:>34}{s['relative_time']:>19.2f}x")
     lines.append(f"gap = test loss - train loss; 'training loss' is each rule's own (column 'trained on'), the "
                  f"other gap and the eigenvalue are of the {common} for every rule.")
+    if results.get("time_budget") is not None:
+        lines.append(f"equal wall time: {results['time_budget']:g} s of training steps per rule and seed on "
+                     f"{results['environment']['device']}; steps taken: "
+                     + ", ".join(f"{r} {results['rules'][r]['summary']['steps_taken']:.0f}" for r in rules))
     return "\n".join(lines)
+
+
+def accuracy_at_times(history: list[dict], times: list[float], key: str) -> list[float]:
+    """The metric of the last evaluation at or before each time (training seconds), nan before the first."""
+    values, i = [], 0
+    for t in times:
+        while i < len(history) and history[i]["wall_time"] <= t:
+            i += 1
+        values.append(history[i - 1][key] if i else math.nan)
+    return values
+
+
+def _time_plot(results: dict, rules: list[str], task: str, out: str) -> list[str]:
+    """Test metric against training wall time, mean and band (± std) over seeds on a common time grid."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    metric = "test_accuracy" if task == "classification" else "test_error"
+    budget = results["time_budget"]
+    grid = [budget * (i + 1) / 100 for i in range(100)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rule in rules:
+        series = [accuracy_at_times(run["history"], grid, metric) for run in results["rules"][rule]["runs"]]
+        stats = [_mean_std([s[i] for s in series]) for i in range(len(grid))]
+        mean = [m for m, _ in stats]
+        std = [0.0 if math.isnan(d) else d for _, d in stats]
+        ax.plot(grid, mean, label=rule)
+        ax.fill_between(grid, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.15)
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(f"{results['dataset']['name']}: {metric.replace('_', ' ')} at equal wall time "
+                 f"({results['environment']['device']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, f"{metric}_vs_time.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
 
 
 def _plots(results: dict, rules: list[str], task: str, out: str) -> list[str]:
@@ -406,6 +470,11 @@ def _cmd_train(args) -> int:
         raise UsageError(f"unknown rule {args.rule!r}; valid rules: {', '.join(RULES)}")
     options = rule_options([args.rule], args)
     fit_kwargs = _fit_kwargs(args)
+    budget = getattr(args, "time_budget", None)
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UsageError(f"--time-budget must be finite and > 0 seconds, got {budget}")
+    # Equal wall time: the budget ends each run; epochs is only a bound that is never reached.
+    epochs = args.epochs if budget is None else 10**9
     init_kind, init_scale = _init_for(args)
     spec = {"dataset": dataset_name, "activation": args.activation, "width": args.width}
     _check_checkpoint_flag(args)

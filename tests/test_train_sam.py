@@ -179,3 +179,38 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, rule, hyper):
     resumed = tiny_model()
     fit(resumed, (x, y), (x, y), checkpoint=ckpt, resume=True, **kwargs)
     torch.testing.assert_close(flat(resumed), flat(whole), rtol=0, atol=0)
+
+
+def test_fit_time_budget_stops_on_time_and_records_wall_time_and_steps():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (64,), generator=gen)
+    history = fit(tiny_model(), (x, y), (x, y), rule="sgd", epochs=10**6, batch_size=8, time_budget=0.3,
+                  progress=False).to_list()
+    last = history[-1]
+    assert last["wall_time"] >= 0.3 and last["wall_time"] < 5.0  # stops after the step that crosses it
+    assert last["steps"] == sum(round(r["epoch_time"] / r["time_per_step"]) for r in history)
+    assert [r["steps"] for r in history] == sorted(r["steps"] for r in history)
+    with pytest.raises(ValueError, match="time_budget must be finite and > 0"):
+        fit(tiny_model(), (x, y), (x, y), time_budget=0.0, progress=False)
+
+
+def test_compare_time_budget_writes_table_json_and_time_plot(tmp_path, capsys):
+    import json
+
+    from fastcurv.cli import accuracy_at_times, main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--dataset", "digits", "--rules", "sgd,sam,looksam,curvature", "--set", "curvature.every=2",
+                 "--time-budget", "0.4", "--seeds", "2", "--no-eigenvalue", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "equal wall time: 0.4 s" in printed and "steps taken: sgd" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["time_budget"] == 0.4 and "device" in results["environment"]
+    for rule in ("sgd", "sam", "looksam", "curvature"):
+        for run in results["rules"][rule]["runs"]:
+            assert run["train_seconds"] >= 0.4 and run["steps_taken"] >= 1
+            assert run["time_per_step"] == pytest.approx(run["train_seconds"] / run["steps_taken"])
+    pytest.importorskip("matplotlib")
+    assert (out / "test_accuracy_vs_time.png").exists()
+    history = [{"wall_time": 1.0, "acc": 0.5}, {"wall_time": 2.0, "acc": 0.7}]
+    assert accuracy_at_times(history, [0.5, 1.0, 1.5, 2.5], "acc")[1:] == [0.5, 0.5, 0.7]

@@ -123,6 +123,19 @@ class _GradientAveraging:
         self.optimizer.step()
 
 
+def _over_budget(seconds: float, budget: float, world: int) -> bool:
+    """Whether the run has used its time budget; in a data-parallel run rank 0's clock decides for every
+    process (one broadcast), so that all stop after the same step."""
+    over = seconds >= budget
+    if world > 1:
+        flag = torch.tensor([float(over)])
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.cuda()
+        torch.distributed.broadcast(flag, 0)
+        over = bool(flag.item())
+    return over
+
+
 def parameter_norm(model: nn.Module) -> float:
     """L2 norm of all parameters (in float64)."""
     with torch.no_grad():
@@ -244,6 +257,7 @@ def fit(
     stop_after: int | None = None,
     divergence_factor: float | None = 100.0,
     measure_loss: str | None = None,
+    time_budget: float | None = None,
 ) -> History:
     """Train ``model`` in place with learning rule ``rule``; return the per-epoch :class:`History`.
 
@@ -298,6 +312,12 @@ def fit(
         model_spec: JSON-friendly description stored in the checkpoint so ``fastcurv sharpness`` can
             rebuild the model (the CLI passes ``{"dataset": ..., "activation": ..., "width": ...}``).
         stop_after: stop (after checkpointing) once this many epochs have finished, as if interrupted.
+        time_budget: seconds of training steps (evaluation, checkpoints and curvature tracking excluded)
+            after which the run stops: the step that crosses the budget is the last, and the epoch in
+            progress is evaluated and recorded (a partial last epoch). ``epochs`` stays an upper bound
+            (``fastcurv compare --time-budget`` passes a large one). Records carry ``wall_time`` (training
+            seconds so far) and ``steps`` (steps so far) with or without a budget; a resumed run counts
+            the checkpoint's training time against the budget.
         divergence_factor: stop with :class:`DivergenceError` when an epoch's training loss exceeds
             ``divergence_factor`` times the best training loss so far (the untrained model's included)
             *and* the untrained model's loss: a run whose numbers stay finite but whose loss grew by
@@ -335,6 +355,8 @@ def fit(
     if divergence_factor is not None and not (divergence_factor > 1 and math.isfinite(divergence_factor)):
         raise ValueError(f"fit: divergence_factor must be finite and > 1 (or None to turn the check off), "
                          f"got {divergence_factor}")
+    if time_budget is not None and not (time_budget > 0 and math.isfinite(time_budget)):
+        raise ValueError(f"fit: time_budget must be finite and > 0 seconds (or None), got {time_budget}")
     if checkpoint is not None and os.path.isdir(checkpoint):  # found now, not after the first epoch
         raise CheckpointError(f"fit: checkpoint path {os.fspath(checkpoint)!r} is a directory; give a file name")
 
@@ -421,11 +443,15 @@ def fit(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=int(epochs), initial=start_epoch, disable=not progress, desc=rule_obj.name,
-               unit="epoch", leave=False)
+    bar = tqdm(total=None if time_budget is not None else int(epochs), initial=start_epoch, disable=not progress,
+               desc=rule_obj.name, unit="epoch", leave=False)
+    trained_time = float(history[-1].get("wall_time", 0.0)) if len(history) else 0.0
+    trained_steps = int(history[-1].get("steps", 0)) if len(history) else 0
     try:
         for epoch in range(start_epoch, int(epochs)):
             if stop_after is not None and epoch >= stop_after:
+                break
+            if time_budget is not None and trained_time >= time_budget:
                 break
             epoch_lr = float(sched(epoch))
             for group in opt.param_groups:
@@ -435,6 +461,7 @@ def fit(
             order = order.to(device)
             model.train()
             start = time.perf_counter()
+            steps_done = 0
             for step in range(steps_per_epoch):
                 start_of_share = step * effective_batch + rank * local_batch
                 idx = order[start_of_share:start_of_share + local_batch]
@@ -443,9 +470,17 @@ def fit(
                 except NonFiniteError as err:
                     raise NonFiniteError(f"{err} [epoch {epoch}, step {step}, lr {epoch_lr:g}]") from None
                 _check_finite_parameters(model, rule_obj.name, epoch, step)
+                steps_done += 1
+                if time_budget is not None:
+                    if device.type == "cuda":  # the budget is of finished work, not of queued kernels
+                        torch.cuda.synchronize(device)
+                    if _over_budget(trained_time + time.perf_counter() - start, time_budget, world):
+                        break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
+            trained_time += elapsed
+            trained_steps += steps_done
 
             train_loss, train_metric = evaluate(model, x_train, y_train, loss_fn, task)
             _check_divergence(train_loss, best_loss, untrained_loss, divergence_factor, rule_obj.name, epoch)
@@ -457,7 +492,8 @@ def fit(
                 "train_loss": train_loss, "test_loss": test_loss, "gap": test_loss - train_loss,
                 f"train_{metric}": train_metric, f"test_{metric}": test_metric,
                 "param_norm": parameter_norm(model),
-                "time_per_step": elapsed / max(steps_per_epoch, 1), "epoch_time": elapsed,
+                "time_per_step": elapsed / max(steps_done, 1), "epoch_time": elapsed,
+                "wall_time": trained_time, "steps": trained_steps,
             }
             if measure_loss is not None:
                 measured_train = evaluate(model, x_train, y_train, measure_fn, task)[0]
