@@ -80,7 +80,7 @@ def test_same_seed_same_start(tmp_path):
     out_dir = tmp_path / "same"
     assert main(["compare", *TINY, "--rules", "sgd,l2", "--lam", "0", "--no-plots", "--no-eigenvalue", "--out", str(out_dir)]) == 0
     results = json.loads((out_dir / "results.json").read_text())
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("time_per_step", "epoch_time")} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("time_per_step", "epoch_time", "wall_time")} for r in h]  # noqa: E731
     for a, b in zip(results["rules"]["sgd"]["runs"], results["rules"]["l2"]["runs"]):
         assert strip(a["history"]) == strip(b["history"])
 
@@ -195,7 +195,7 @@ def test_train_resume_and_sharpness(tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--epochs", "3", "--resume"]) == 0
     resumed = capsys.readouterr().out.strip().splitlines()
-    drop = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("time_per_step", "epoch_time")}  # noqa: E731
+    drop = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("time_per_step", "epoch_time", "wall_time")}  # noqa: E731
     assert [drop(line) for line in resumed] == [drop(line) for line in full]
 
     assert main(["sharpness", ckpt, "--samples", "12"]) == 0

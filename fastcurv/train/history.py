@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 # Keys whose values are wall-clock measurements: they differ between otherwise identical runs.
-TIMING_KEYS = ("time_per_step", "epoch_time")
+TIMING_KEYS = ("time_per_step", "epoch_time", "wall_time")
 
 
 class History:
@@ -13,7 +13,8 @@ class History:
     Record keys written by :func:`fastcurv.train.fit`: ``epoch``, ``lr``, ``regularizing``,
     ``train_loss``, ``test_loss``, ``gap`` (test loss - train loss), ``train_accuracy`` /
     ``test_accuracy`` (classification) or ``train_error`` / ``test_error`` (regression, the MSE),
-    ``param_norm`` (L2 norm of all parameters), ``time_per_step`` (seconds), ``epoch_time`` and, when
+    ``param_norm`` (L2 norm of all parameters), ``time_per_step`` (seconds), ``epoch_time``, ``wall_time``
+    (training seconds so far), ``steps`` (steps so far) and, when
     asked for, ``top_eigenvalue`` and ``fisher_trace``, and with ``fit(measure_loss=...)``
     ``measure_train_loss``, ``measure_test_loss`` and ``measure_gap`` (that loss; ``top_eigenvalue`` is
     then of that loss too).
