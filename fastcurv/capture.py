@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from fastcurv.layers import GenericLayer, registered_types, rule_for
+from fastcurv.layers import FunctionalLayer, GenericLayer, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, describe, rows
 from fastcurv.layers.embedding import EmbeddingLayer
 from fastcurv.layers.linear import LinearLayer
@@ -158,12 +158,10 @@ class Capture:
                         f"{[n for n, _ in trainable]} but has no fast rule ({why}); strict=True refuses the generic "
                         f"(materialized) rule. Freeze it, pass ignore=['{mname}'], or drop strict=True."
                     )
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    raise TypeError(f"fastcurv.capture: {describe(mname, module)}: {why}")
-                rule = GenericLayer
+                rule = FunctionalLayer  # fast rules for what its forward calls, the generic rule for the rest
                 self.generic[mname] = why
             layer = rule(mname, module, trainable)
-            if isinstance(layer, GenericLayer):
+            if isinstance(layer, (GenericLayer, FunctionalLayer)):
                 layer.reason = why
             self.layers.append(layer)
         order = {id(p): k for k, p in enumerate(model.parameters())}
@@ -209,16 +207,12 @@ class Capture:
         if _trainable_flags(self.model) != self._flags:
             self._build_layers()  # requires_grad changed since this Capture was built: serve the current flags
         self.clear()
-        if self.generic:
-            names = ", ".join(f"'{n}' ({why})" for n, why in self.generic.items())
-            _report_once(f"fastcurv.capture: exact but materialized generic rule for {names}")
         try:
             for layer in self.layers:
                 # prepend: record what the layer's parameters produced, before a user hook replaces the output
                 self._handles.append(layer.module.register_forward_hook(_RecordHook(layer, self), with_kwargs=True,
                                                                         prepend=True))
-                if isinstance(layer, ReparamLayer):
-                    self._handles.extend(layer.install())
+                self._handles.extend(layer.install())  # after the record hook: a rule's own hooks go around it
             for name, bn in self._batchnorms:
                 if self.batchnorm == "frozen_stats":
                     self._patch_forward(bn, _FrozenStatsForward(bn))
@@ -236,6 +230,23 @@ class Capture:
 
     def __exit__(self, *exc) -> None:
         self._remove_hooks()
+        if exc[0] is None:
+            self._report_generic()
+
+    def _report_generic(self) -> None:
+        """After a forward: :attr:`generic` keeps the modules some of whose parameters the functional
+        rules could not serve (said once, with the operation), and drops the others."""
+        for layer in self.layers:
+            if isinstance(layer, FunctionalLayer) and layer.records:
+                slow = layer.generic_params
+                if slow:
+                    self.generic[layer.name] = f"{layer.reason}; {'; '.join(slow.values())}"
+                else:
+                    self.generic.pop(layer.name, None)
+        names = [f"'{layer.name}' ({self.generic[layer.name]})" for layer in self.layers if layer.name in self.generic
+                 and (not isinstance(layer, FunctionalLayer) or layer.generic_params)]
+        if names:
+            _report_once(f"fastcurv.capture: exact but materialized generic rule for {', '.join(names)}")
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -519,15 +530,16 @@ class Capture:
         inside: dict[int, set] = {}  # id(layer) -> autograd nodes created by its recorded calls
         for layer in self.layers:
             nodes = inside.setdefault(id(layer), set())
-            for r in layer.records:
+            for r in layer.records:  # one walk per record: a functional site's nodes lie inside its module's call
                 stop = {t.grad_fn for t in _tensors(r.args, r.kwargs, r.input) if t.grad_fn is not None}
-                todo = [r.output.grad_fn]
+                todo, seen = [r.output.grad_fn], set()
                 while todo:
                     node = todo.pop()
-                    if node is None or node in nodes or node in stop:
+                    if node is None or node in seen or node in stop:
                         continue
-                    nodes.add(node)
+                    seen.add(node)
                     todo.extend(fn for fn, _ in node.next_functions)
+                nodes |= seen
         for node, fn in _graph_edges(losses):
             var = getattr(fn, "variable", None)
             if var is not None and id(var) in owners:

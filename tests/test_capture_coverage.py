@@ -3,6 +3,8 @@ module called twice), inputs without a batch dim, sequence-first layouts, BatchN
 statistics. Everything in float64 against the per-example autograd loop of tests/zoo.py."""
 import math
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,17 @@ class Scale(nn.Module):
         return x * self.scale + self.shift * x.square()
 
 
+class Gated(nn.Module):
+    """A parameter used through an op no functional rule serves (Scale's x * w and w * x^2 are fast)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.gate)
+
+
 class MyLinear(nn.Linear):
     def forward(self, x):
         return torch.tanh(super().forward(x)) * 2
@@ -45,8 +58,8 @@ class TwoInputs(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "custom", [lambda: Scale(4), lambda: nn.PReLU(4), lambda: MyLinear(4, 4), lambda: nn.Sequential(TwoInputs(), nn.Linear(3, 4))],
-    ids=["custom_param", "prelu", "subclass_forward", "bilinear_two_inputs"],
+    "custom", [lambda: Scale(4), lambda: Gated(4), lambda: nn.PReLU(4), lambda: MyLinear(4, 4), lambda: nn.Sequential(TwoInputs(), nn.Linear(3, 4))],
+    ids=["custom_param", "custom_param_generic", "prelu", "subclass_forward", "bilinear_two_inputs"],
 )
 def test_generic_rule_is_exact(custom):
     model = nn.Sequential(nn.Linear(3, 4), custom(), nn.Tanh(), nn.Linear(4, 3))
@@ -74,10 +87,18 @@ def test_generic_rule_refuses_modules_that_mix_the_batch():
 
 def test_generic_rule_is_reported_once():
     fastcurv.capture._reported.clear()
-    model = nn.Sequential(nn.Linear(3, 4), Scale(4))
-    with pytest.warns(fastcurv.capture.GenericRuleWarning, match=r"generic rule for '1' \(no fast rule for Scale\)"):
+    model = nn.Sequential(nn.Linear(3, 4), Gated(4))
+    match = r"generic rule for '1' \(no fast rule for Gated; '1.gate' is used by SigmoidBackward0\)"
+    with pytest.warns(fastcurv.capture.GenericRuleWarning, match=match):
         with capture(model):
             model(torch.randn(2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastcurv.capture.GenericRuleWarning)
+        with capture(model):  # said once
+            model(torch.randn(2, 3))
+        with capture(nn.Sequential(nn.Linear(3, 4), Scale(4))) as cap:  # served by the functional rules: nothing to say
+            cap.model(torch.randn(2, 3))
+    assert not cap.generic
 
 
 # ------------------------------------------------------------------ shared parameters

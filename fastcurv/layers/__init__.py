@@ -5,6 +5,9 @@
 * ``linear.py``, ``conv.py``, ``conv_transpose.py``, ``embedding.py``, ``embedding_bag.py``, ``norm.py``,
   ``attention.py``, ``recurrent.py``,
   ``instance_norm.py``: fast exact rules.
+* ``functional.py``: a module without a registered rule whose forward uses its parameters through
+  ``F.linear`` / ``addmm`` / ``F.embedding`` / ``F.layer_norm`` / ``F.rms_norm`` / ``F.batch_norm`` / a
+  broadcast ``x * w`` or ``x + w`` gets those rules' math (the other parameters: the generic rule).
 * ``generic.py``: the exact materialized fallback for any other module holding parameters.
 
 Adding a layer type: a new file here with a registered rule, imported below.
@@ -15,5 +18,6 @@ from fastcurv.layers import linear, conv, embedding, norm, recurrent  # noqa: F4
 from fastcurv.layers import conv_transpose, instance_norm, embedding_bag  # noqa: F401
 from fastcurv.layers import attention  # noqa: F401  (nn.MultiheadAttention, transformer layers)
 from fastcurv.layers.generic import GenericLayer
+from fastcurv.layers.functional import FunctionalLayer
 
-__all__ = ["register", "rule_for", "registered_types", "CapturedLayer", "Record", "GenericLayer", "describe"]
+__all__ = ["register", "rule_for", "registered_types", "CapturedLayer", "Record", "GenericLayer", "FunctionalLayer", "describe"]

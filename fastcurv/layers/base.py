@@ -86,6 +86,12 @@ class CapturedLayer:
         return f"{type(self).__name__}({describe(self.name, self.module)}, params={[n for n, _ in self.params]})"
 
     # ------------------------------------------------------------------ recording
+    def install(self) -> list:
+        """Extra hooks a rule needs on its module while captured (registered after the capture's record
+        hook, which is prepended; returns their handles): the reparametrized rule's cache, the functional
+        rule's call recorder."""
+        return []
+
     def record(self, args: tuple, kwargs: dict, output) -> Optional[torch.Tensor]:
         """Called by the capture's forward hook. Returns a replacement output or None."""
         inp = first_input(args, kwargs)

@@ -71,9 +71,11 @@ class GenericLayer(CapturedLayer):
         with torch.enable_grad():  # the capture computes results without create_graph under no_grad
             return self._one_call_with_grad(rec, delta, names, B)
 
-    def _one_call_with_grad(self, rec, delta, names, B):
+    def replay(self, rec, copies: dict, B: int) -> torch.Tensor:
+        """The recorded call re-run one example at a time (vmapped), with ``copies`` ``{param name:
+        [B, *shape]}`` in place of the module's own; refused when it does not reproduce the recorded output
+        (examples interact, or the module is random)."""
         module = self.module
-        copies = {n: p.unsqueeze(0).expand(B, *p.shape) for n, (_, p) in zip(names, self.params)}
         flat_args = list(rec.args) + list(rec.kwargs.values())
         batched = [isinstance(a, torch.Tensor) and a.ndim >= 1 and a.shape[0] == B for a in flat_args]
         n_args = len(rec.args)
@@ -89,7 +91,7 @@ class GenericLayer(CapturedLayer):
             leaves = tree_flatten(out)[0]  # each per-example leaf has size 1 in the recorded batch dim
             return torch.cat([leaf.movedim(dim, 0).reshape(-1) for leaf, dim in zip(leaves, pytree[1]) if dim is not None])
 
-        in_dims = (0,) + tuple(0 if b else None for b in batched)
+        in_dims = (0 if copies else None,) + tuple(0 if b else None for b in batched)
         _replay["active"] = True
         try:
             # SDPA's math backend: the fused kernels have no double backward (penalties need one) nor a vmap rule
@@ -108,9 +110,14 @@ class GenericLayer(CapturedLayer):
             raise RuntimeError(
                 f"fastcurv.capture: re-running {describe(self.name, self.module)} one example at a time does not "
                 "reproduce its batched output: its examples interact (it mixes the batch, e.g. batch statistics) or it "
-                "is random (e.g. dropout inside it). Per-example gradients through the generic rule would be wrong. "
+                "is random (e.g. dropout inside it). Per-example gradients of its parameters would be wrong. "
                 "Put it in eval mode, freeze it, or pass ignore=[...]."
             )
+        return out
+
+    def _one_call_with_grad(self, rec, delta, names, B):
+        copies = {n: p.unsqueeze(0).expand(B, *p.shape) for n, (_, p) in zip(names, self.params)}
+        out = self.replay(rec, copies, B)
         create_graph = delta.requires_grad
         grads = torch.autograd.grad(
             (out * delta.to(out.dtype)).sum(), list(copies.values()), create_graph=create_graph, allow_unused=True

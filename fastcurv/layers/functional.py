@@ -1,0 +1,559 @@
+"""Fast rules reached through functional calls: a module without a registered rule (a subclass that
+overrides ``forward``, ``LlamaRMSNorm``, Hugging Face's ``Conv1D``, ``BatchNormAct2d``, a
+layer-scale ``gamma``) is served by the existing Linear / Embedding / Norm math when its forward
+uses its own parameters only through calls this file recognizes:
+
+* ``F.linear(x, W, b)``, ``torch.addmm(b, x, W)`` (``W`` is ``[in, out]``), ``x @ W``: Linear rule;
+* ``F.embedding(tokens, W, padding_idx)``: Embedding rule;
+* ``F.layer_norm``, ``F.rms_norm``, ``F.batch_norm`` with their affine parameters: Norm rule;
+* ``x * w`` and ``x + w`` with ``w`` broadcast over a batched ``x`` (per-channel scale or shift,
+  ``weight * hidden_states`` of the RMSNorm classes): per-example ``sum(delta * x)`` / ``sum(delta)``
+  over the broadcast dims.
+
+A parameter may reach these calls through value-preserving steps (``1.0 + w`` as in Gemma's RMSNorm,
+``w.float()``, ``w.reshape(1, -1, 1, 1)``, ``w.t()``): their gradient maps back exactly.
+
+How: a ``TorchFunctionMode`` is pushed for the module's forward (hooks from :meth:`hooks`) and
+records each recognized call on its parameters as a *site* (data input, output, parameters). When the
+forward returns, its autograd graph is walked from the module's outputs down to its inputs: a
+parameter counts as served only if every graph edge into it (and into the steps derived from it)
+leaves from one of its sites. Any other use (``torch.sigmoid(w)``, an in-place ``x.mul_(w)``, an
+unrecognized op) sends that parameter, and only that one, to the exact generic rule (a vmapped
+re-run of the module for that parameter), so the result stays exact whatever the forward does.
+
+Rows: a site whose data input has the batch in dim 0 is used as is. One fed ``[B*T, ...]`` rows (HF
+``Conv1D``: ``addmm(b, x.view(-1, d), W)``) is regrouped to ``[B, T, ...]`` when the rows are provably
+the module's batch-first input flattened (the same memory, contiguous) or its output is, else its
+parameters take the generic rule."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from fastcurv.layers.base import CapturedLayer, Record, _versions, common_dtype, describe, first_input, rows
+from fastcurv.layers.embedding import EmbeddingLayer
+from fastcurv.layers.generic import GenericLayer, replaying
+from fastcurv.layers.linear import LinearLayer
+from fastcurv.layers.norm import NormLayer
+
+__all__ = ["FunctionalLayer"]
+
+T = torch.Tensor
+# value-preserving steps from a parameter to the tensor a site uses (their gradient maps back exactly)
+_CASTS = {T.float, T.double, T.half, T.bfloat16, T.to, T.type_as}
+_RESHAPES = {T.reshape, T.view, T.unsqueeze, T.squeeze, T.flatten, T.view_as, T.reshape_as, torch.reshape,
+             torch.unsqueeze, torch.squeeze, torch.flatten}
+_TRANSPOSES = {T.t, torch.t, T.transpose, torch.transpose}
+_SHIFTS = {T.add, T.sub, torch.add, torch.sub}
+_MULS = {T.mul, torch.mul}
+_MATMULS = {T.matmul, torch.matmul, T.__matmul__}
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """A tensor computed from parameter ``index`` by value-preserving ``steps``: ("cast",),
+    ("reshape", shape before), ("t",)."""
+
+    index: int
+    steps: tuple = ()
+
+    def then(self, step) -> "_Derived":
+        return _Derived(self.index, self.steps + (step,))
+
+
+def _forward_vectors(v: torch.Tensor, steps: tuple) -> torch.Tensor:
+    """``[K, *param.shape]`` vectors carried to the derived tensor's shape."""
+    K = v.shape[0]
+    shape = tuple(v.shape[1:])
+    for step in steps:
+        if step[0] == "reshape":
+            shape = step[2]
+            v = v.reshape(K, *shape)
+        elif step[0] == "t":
+            v = v.transpose(-1, -2)
+    return v
+
+
+def _back_to_param(g: torch.Tensor, steps: tuple, param: torch.Tensor) -> torch.Tensor:
+    """``[N, *derived shape]`` gradients carried back to ``[N, *param.shape]``."""
+    for step in reversed(steps):
+        if step[0] == "reshape":
+            g = g.reshape(g.shape[0], *step[1])
+        elif step[0] == "t":
+            g = g.transpose(-1, -2)
+    return g.reshape(g.shape[0], *param.shape).to(param.dtype)
+
+
+@dataclass
+class _Site:
+    kind: str  # "linear", "embedding", "norm", "scale", "shift"
+    output: torch.Tensor
+    data: torch.Tensor
+    operands: dict  # role ("weight"/"bias") -> (_Derived, tensor as the call saw it)
+    extra: tuple = ()  # hashable call details (eps, normalized shape, padding_idx, ...)
+    saved: dict = field(default_factory=dict)  # call details that are tensors (running statistics)
+
+
+class _SiteMode(TorchFunctionMode):
+    """Records the recognized calls on one module's parameters during one forward."""
+
+    def __init__(self, params: list):
+        super().__init__()
+        self.tracked: dict[int, tuple[_Derived, torch.Tensor]] = {id(p): (_Derived(k), p) for k, (_, p) in enumerate(params)}
+        self.sites: list[_Site] = []
+
+    def derived(self, t) -> Optional[_Derived]:
+        if isinstance(t, torch.Tensor):
+            hit = self.tracked.get(id(t))
+            if hit is not None and hit[1] is t:
+                return hit[0]
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not any(self.derived(a) is not None for a in list(args) + list(kwargs.values())):
+            return out
+        try:
+            self._note(func, args, kwargs, out)
+        except (TypeError, ValueError, IndexError):  # an unusual signature: not a site (the graph check sends it to the generic rule)
+            pass
+        return out
+
+    def _track(self, out, d: _Derived):
+        self.tracked[id(out)] = (d, out)
+
+    def _note(self, func, args, kwargs, out) -> None:
+        d0 = self.derived(args[0]) if args else None
+        if func in _CASTS and d0 is not None and out.is_floating_point():
+            self._track(out, d0 if out is args[0] else d0.then(("cast",)))
+        elif func in _RESHAPES and d0 is not None:
+            self._track(out, d0.then(("reshape", tuple(args[0].shape), tuple(out.shape))))
+        elif func in _TRANSPOSES and d0 is not None and args[0].ndim == 2:
+            self._track(out, d0.then(("t",)))
+        elif func in _SHIFTS and d0 is not None and isinstance(args[1], (int, float)) and kwargs.get("alpha", 1) == 1:
+            self._track(out, d0)  # w + c, w - c: the gradient passes unchanged
+        elif func is F.linear:
+            self._linear(out, args[0], args[1] if len(args) > 1 else kwargs.get("weight"),
+                         args[2] if len(args) > 2 else kwargs.get("bias"), transposed=False)
+        elif func is torch.addmm and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1 and len(args) == 3:
+            self._linear(out, args[1], args[2], args[0], transposed=True)
+        elif func in _MATMULS and len(args) == 2 and self.derived(args[0]) is None:
+            self._linear(out, args[0], args[1], None, transposed=True)
+        elif func is F.embedding:
+            self._embedding(out, *args, **kwargs)
+        elif func in (F.layer_norm, F.rms_norm, F.batch_norm):
+            self._norm(func, out, args, kwargs)
+        elif func in _MULS or func in (T.add, torch.add):
+            if len(args) == 2 and kwargs.get("alpha", 1) == 1:
+                self._elementwise("scale" if func in _MULS else "shift", out, *args)
+
+    def _operand(self, t):
+        d = self.derived(t)
+        return None if d is None else (d, t)
+
+    def _add(self, kind, out, data, operands, extra=(), saved=None):
+        operands = {role: op for role, op in operands.items() if op is not None}
+        if operands and isinstance(data, torch.Tensor) and self.derived(data) is None:
+            self.sites.append(_Site(kind, out, data, operands, extra, saved or {}))
+
+    def _linear(self, out, x, w, b, transposed):
+        if not isinstance(w, torch.Tensor) or w.ndim != 2 or (isinstance(b, torch.Tensor) and b.ndim != 1):
+            return
+        weight = self._operand(w)
+        if weight is not None and transposed:  # addmm / matmul take W as [in, out]
+            weight = (weight[0].then(("t",)), w.t())
+        self._add("linear", out, x, {"weight": weight, "bias": self._operand(b)},
+                  extra=(tuple((w.t() if transposed else w).shape),))
+
+    def _embedding(self, out, tokens, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+                   scale_grad_by_freq=False, sparse=False):
+        if max_norm is not None or scale_grad_by_freq or weight.ndim != 2 or tokens.is_floating_point():
+            return  # renormed rows / batch-wide token counts: not an embedding the rule can serve
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += weight.shape[0]
+        self._add("embedding", out, tokens, {"weight": self._operand(weight)}, extra=(tuple(weight.shape), padding_idx))
+
+    def _norm(self, func, out, args, kwargs):
+        names = {F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+                 F.rms_norm: ("input", "normalized_shape", "weight", "eps"),
+                 F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")}[func]
+        call = dict(zip(names, args), **kwargs)
+        ops = {"weight": self._operand(call.get("weight")), "bias": self._operand(call.get("bias"))}
+        eps = call.get("eps")
+        if func is F.batch_norm:
+            eps = 1e-5 if eps is None else eps
+            stats = call.get("training", False) or call.get("running_mean") is None
+            saved = {} if stats else {"mean": call["running_mean"].detach().clone(), "var": call["running_var"].detach().clone()}
+            self._add("norm", out, call["input"], ops, extra=("batch", bool(stats), float(eps)), saved=saved)
+        else:
+            shape = call["normalized_shape"]
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            self._add("norm", out, call["input"], ops,
+                      extra=("layer" if func is F.layer_norm else "rms", shape, None if eps is None else float(eps)))
+
+    def _elementwise(self, kind, out, a, b):
+        if self.derived(a) is not None:
+            a, b = b, a  # the data operand first
+        w = self.derived(b)
+        if w is None or not isinstance(a, torch.Tensor) or tuple(out.shape) != tuple(a.shape) or a.ndim < 1:
+            return
+        if b.ndim == a.ndim and b.shape[0] != 1:
+            return  # w spans the batch dim: not a per-example broadcast
+        self._add(kind, out, a, {"weight": (w, b)}, extra=(tuple(b.shape),))
+
+
+class _SiteModule(nn.Module):
+    """Stands in for the module a site's rule expects (shapes and options only; never called)."""
+
+    def __init__(self, owner: nn.Module, **attrs):
+        super().__init__()
+        self.owner = type(owner).__name__
+        for k, v in attrs.items():
+            object.__setattr__(self, k, v)
+
+
+class _FunctionalNorm(NormLayer):
+    """The Norm rule for a recorded F.layer_norm / F.rms_norm / F.batch_norm call."""
+
+    def __init__(self, name, module, params, extra, saved):
+        self.extra, self.saved = extra, saved
+        super().__init__(name, module, params)
+
+    def _normalized(self, x):
+        kind = self.extra[0]
+        if kind == "layer":
+            return F.layer_norm(x, self.extra[1], None, None, 1e-5 if self.extra[2] is None else self.extra[2])
+        if kind == "rms":
+            return F.rms_norm(x, self.extra[1], None, self.extra[2])
+        if self.extra[1]:  # batch statistics (batchnorm="frozen_stats"; the capture refuses them otherwise)
+            return F.batch_norm(x, None, None, None, None, True, 0.0, self.extra[2])
+        return F.batch_norm(x, self.saved["mean"], self.saved["var"], None, None, False, 0.0, self.extra[2])
+
+    def _reduce_dims(self, ndim):
+        if self.extra[0] == "batch":
+            return tuple(range(2, ndim))
+        return tuple(range(1, ndim - len(self.extra[1])))
+
+
+class _Broadcast(CapturedLayer):
+    """``x * w`` (scale) or ``x + w`` (shift) with ``w`` broadcast over a batched ``x``:
+    ``g_i = sum over the broadcast dims of (delta_i * x_i)`` (or of ``delta_i``), ``[B, *w.shape]``."""
+
+    def __init__(self, name, module, params, kind, shape):
+        super().__init__(name, module, params)
+        self.kind, self.shape = kind, shape
+
+    def _per_example_grads(self, deltas):
+        total = 0
+        for r, d in zip(self.records, deltas):
+            x, d = common_dtype(r.input, d)
+            g = d * x if self.kind == "scale" else d
+            lead = g.ndim - len(self.shape)  # w is right-aligned with x: sum its missing dims and its size-1 dims
+            dims = tuple(range(1, lead)) + tuple(lead + k for k, n in enumerate(self.shape)
+                                                 if n == 1 and lead + k > 0 and g.shape[lead + k] != 1)
+            g = g.sum(dims, keepdim=True) if dims else g
+            total = total + g.reshape(g.shape[0], *self.shape)
+        return [total]
+
+
+@dataclass
+class _Unit:
+    """One fast rule instance over the sites with the same kind, parameters and call details."""
+
+    rule: CapturedLayer
+    params: list  # [(param index, steps)] aligned with rule.params
+    records: list = field(default_factory=list)  # indices into FunctionalLayer.records
+
+
+class FunctionalLayer(CapturedLayer):
+    """A module without a registered rule: fast rules for the parameters its recognized calls use,
+    the generic rule for the others (see the module docstring)."""
+
+    #: why the module has no registered rule (set by the capture; reported when some parameter stays generic)
+    reason: str = ""
+
+    def __init__(self, name, module, params):
+        super().__init__(name, module, params)
+        self._modes: list = []
+        self._units: dict = {}
+        self._generic = GenericLayer(name, module, params)
+        self._generic_records: list[int] = []
+        self._slow: dict[int, str] = {}  # param index -> the op that kept it off the fast rules
+        self._pending: list = []  # the sites of the call that just ended, for record()
+        self._regrouped: set = set()  # ids of site inputs regrouped from [B*T, ...] rows
+        # The sites trust that row i of their data is example i's. A module that mixes the batch before a
+        # site (x - x.mean(0)) would break that silently, so one call is re-run per example (a vmapped
+        # forward, no backward) the first time, and again when the module's train/eval mode changes.
+        self._verified_mode: Optional[bool] = None
+        self._to_verify: Optional[Record] = None
+
+    def install(self) -> list:
+        """Pushes the site recorder for the forward and pops it when the forward ends (also on an error),
+        before the capture's record hook runs (prepended)."""
+        def push(module, args):
+            if replaying():
+                self._modes.append(None)
+                return
+            mode = _SiteMode(self.params)
+            mode.__enter__()
+            self._modes.append(mode)
+
+        def pop(module, args, output):
+            mode = self._modes.pop() if self._modes else None
+            if mode is not None:
+                mode.__exit__(None, None, None)
+                self._pending = mode.sites
+
+        return [self.module.register_forward_pre_hook(push),
+                self.module.register_forward_hook(pop, always_call=True, prepend=True)]
+
+    def clear(self):
+        super().clear()
+        self._units = {}
+        self._generic.clear()
+        self._generic_records = []
+        self._slow = {}
+        self._regrouped = set()
+        self._to_verify = None
+
+    @property
+    def generic_params(self) -> dict[str, str]:
+        """``{param name: why}`` for the parameters served by the generic rule in the captured forward."""
+        return {self.params[k][0]: why for k, why in self._slow.items()}
+
+    def check_input(self, inp):
+        pass  # any call signature: sites carry their own inputs
+
+    def layout_is_ambiguous(self, inp, batch_size):
+        return id(inp) not in self._regrouped and super().layout_is_ambiguous(inp, batch_size)
+
+    # ------------------------------------------------------------------ recording
+    def record(self, args, kwargs, output):
+        sites, self._pending = self._pending, []
+        inputs = _tensors_in((args, kwargs))
+        outputs = _tensors_in(output)
+        B = _batch_of(first_input(args, kwargs))
+        per_example = {id(s): _rows_per_example(s, B, inputs, outputs) for s in sites} if B is not None else {}
+        usable = [s for s in sites if per_example.get(id(s)) is not None]
+        slow = _uncovered(self.params, usable, outputs, inputs)
+        if B is None and self.params:
+            slow = {k: "its first input has no batch dim" for k in range(len(self.params))}
+        for s in usable:
+            s.operands = {role: op for role, op in s.operands.items() if op[0].index not in slow}
+            if s.operands:
+                self._add_site(s, B, per_example[id(s)])
+        if self._verified_mode != self.module.training and self._to_verify is None and isinstance(output, torch.Tensor):
+            inp = first_input(args, kwargs)
+            self._to_verify = Record(inp, output, args, kwargs)
+        if slow:
+            self._slow.update({k: why for k, why in slow.items() if k not in self._slow})
+            replacement = self._generic.record(args, kwargs, output)  # any output pytree, as the generic rule takes it
+            self.records.append(self._generic.records[-1])
+            self._generic_records.append(len(self.records) - 1)
+            return replacement
+        return None
+
+    def _add_site(self, s: _Site, B: int, per_example: int) -> None:
+        roles = [r for r in ("weight", "bias") if r in s.operands]
+        key = (s.kind, s.extra, tuple((r, s.operands[r][0]) for r in roles), tuple(id(v) for v in s.saved.values()))
+        unit = self._units.get(key)
+        if unit is None:
+            unit = self._units[key] = _Unit(self._rule(s, roles), [(s.operands[r][0].index, s.operands[r][0].steps) for r in roles])
+        regroup = (lambda t: t.reshape(B, -1, *t.shape[1:])) if per_example > 1 else (lambda t: t)
+        if per_example > 1:
+            self._regrouped.add(id(s.data))
+        unit.rule.records.append(Record(regroup(s.data), regroup(s.output.detach())))
+        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=_versions(s.data, s.output)))
+        unit.records.append(len(self.records) - 1)
+
+    def _rule(self, s: _Site, roles: list) -> CapturedLayer:
+        params = [(self.params[s.operands[r][0].index][0], s.operands[r][1]) for r in roles]
+        weight = s.operands.get("weight", (None, None))[1]
+        bias = s.operands.get("bias", (None, None))[1]
+        if s.kind == "linear":
+            shape = s.extra[0]
+            stand_in = _SiteModule(self.module, weight=weight if weight is not None else torch.empty(shape, device="meta"), bias=bias)
+            rule = LinearLayer(self.name, stand_in, params)
+            rule.weight_trainable, rule.bias_trainable = weight is not None, bias is not None
+        elif s.kind == "embedding":
+            (V, D), padding_idx = s.extra
+            rule = EmbeddingLayer(self.name, _SiteModule(self.module, weight=weight, num_embeddings=V, embedding_dim=D,
+                                                         padding_idx=padding_idx, scale_grad_by_freq=False), params)
+        elif s.kind == "norm":
+            rule = _FunctionalNorm(self.name, _SiteModule(self.module, weight=weight, bias=bias), params, s.extra, s.saved)
+        else:
+            rule = _Broadcast(self.name, self.module, params, s.kind, s.extra[0])
+        return rule
+
+    # ------------------------------------------------------------------ quantities
+    def _verify_per_example(self) -> None:
+        rec, self._to_verify = self._to_verify, None
+        if rec is not None and self._units:
+            with torch.no_grad():
+                self._generic.replay(rec, {}, rec.input.shape[0])
+            self._verified_mode = self.module.training
+
+    def _parts(self, deltas):
+        """``[(rule, its deltas, [(param index, steps)])]`` for the fast units and the generic part."""
+        self._verify_per_example()
+        parts = []
+        for unit in self._units.values():
+            ds = [deltas[i].reshape(r.output.shape) for i, r in zip(unit.records, unit.rule.records)]
+            parts.append((unit.rule, ds, unit.params))
+        if self._generic_records:
+            self._generic.params = [self.params[k] for k in sorted(self._slow)]
+            parts.append((self._generic, [deltas[i] for i in self._generic_records], [(k, ()) for k in sorted(self._slow)]))
+        return parts
+
+    def _split(self, deltas):
+        """Parts whose parameters no other part touches (their fast norms add up), and the shared rest."""
+        parts = self._parts(deltas)
+        count: dict[int, int] = {}
+        for _, _, ps in parts:
+            for k, _ in ps:
+                count[k] = count.get(k, 0) + 1
+        alone = [p for p in parts if all(count[k] == 1 for k, _ in p[2])]
+        shared = [p for p in parts if not all(count[k] == 1 for k, _ in p[2])]
+        return alone, shared
+
+    def _shared_grads(self, shared) -> dict[int, torch.Tensor]:
+        grads: dict[int, torch.Tensor] = {}
+        for rule, ds, ps in shared:
+            for (k, steps), g in zip(ps, rule.per_example_grads(ds)):
+                g = _back_to_param(g, steps, self.params[k][1])
+                grads[k] = g if k not in grads else grads[k] + g
+        return grads
+
+    def _per_example_grads(self, deltas):
+        alone, shared = self._split(deltas)
+        grads = self._shared_grads(shared)
+        for rule, ds, ps in alone:
+            for (k, steps), g in zip(ps, rule.per_example_grads(ds)):
+                grads[k] = _back_to_param(g, steps, self.params[k][1])
+        B = self.batch_size_hint(deltas)
+        return [grads[k] if k in grads else torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device)
+                for k, (_, p) in enumerate(self.params)]
+
+    def batch_size_hint(self, deltas):
+        for unit in self._units.values():
+            return unit.rule.records[0].input.shape[0]
+        return self._generic.batch_size_hint([deltas[i] for i in self._generic_records])
+
+    def _sqnorm(self, deltas):
+        alone, shared = self._split(deltas)
+        total = sum(rule.sqnorm(ds) for rule, ds, _ in alone)
+        for g in self._shared_grads(shared).values():
+            total = total + rows(g).square().sum(1)
+        return total
+
+    def _gram(self, deltas):
+        alone, shared = self._split(deltas)
+        total = sum(rule.gram(ds) for rule, ds, _ in alone)
+        for g in self._shared_grads(shared).values():
+            total = total + rows(g) @ rows(g).T
+        return total
+
+    def _dot(self, deltas, vectors):
+        alone, shared = self._split(deltas)
+        total = 0
+        for rule, ds, ps in alone:
+            total = total + rule.dot(ds, [_forward_vectors(vectors[k], steps).to(p.dtype) for (k, steps), (_, p) in zip(ps, rule.params)])
+        for k, g in self._shared_grads(shared).items():
+            total = total + rows(g) @ rows(vectors[k]).to(g.dtype).T
+        return total
+
+    def _weighted_grad_sum(self, deltas, coeffs):
+        alone, shared = self._split(deltas)
+        out: dict[int, torch.Tensor] = {}
+        for rule, ds, ps in alone:
+            for (k, steps), w in zip(ps, rule.weighted_grad_sum(ds, coeffs)):
+                out[k] = _back_to_param(w, steps, self.params[k][1])
+        for k, g in self._shared_grads(shared).items():
+            out[k] = (coeffs.to(g.dtype).T @ rows(g)).reshape(coeffs.shape[1], *g.shape[1:])
+        K = coeffs.shape[1]
+        return [out[k] if k in out else torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device)
+                for k, (_, p) in enumerate(self.params)]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _tensors_in(obj) -> list[torch.Tensor]:
+    """The tensors of a (nested) call argument or output: tuples, lists, dicts, HF ModelOutputs."""
+    found, todo = [], [obj]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list)):
+            todo.extend(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+    return found
+
+
+def _batch_of(inp) -> Optional[int]:
+    return inp.shape[0] if isinstance(inp, torch.Tensor) and inp.ndim >= 1 else None
+
+
+def _rows_per_example(s: _Site, B: int, inputs, outputs) -> Optional[int]:
+    """1 when the site's data has the batch in dim 0; T when it is ``[B*T, ...]`` rows provably flattened
+    from the module's batch-first input (or into its output): same memory, contiguous, same size."""
+    n = s.data.shape[0] if s.data.ndim >= 1 else None
+    if n == B:
+        return 1
+    if not n or B <= 0 or n % B:
+        return None
+
+    def flattened(a, b):
+        return (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.is_contiguous() and b.is_contiguous()
+                and b.ndim >= 2 and b.shape[0] == B)
+
+    if any(flattened(s.data, t) for t in inputs) or any(flattened(s.output, t) for t in outputs):
+        return n // B
+    return None
+
+
+def _walk(starts, stops) -> set:
+    nodes, todo = set(), list(starts)
+    while todo:
+        node = todo.pop()
+        if node is None or node in nodes or node in stops:
+            continue
+        nodes.add(node)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return nodes
+
+
+def _uncovered(params, sites, outputs, inputs) -> dict[int, str]:
+    """``{param index: the op}`` for parameters some graph edge reaches other than through one of their sites."""
+    index = {id(p): k for k, (_, p) in enumerate(params)}
+    owners: dict = {}  # autograd node -> site indices it belongs to
+    site_outputs = set()
+    for j, s in enumerate(sites):
+        if s.output.grad_fn is None:
+            continue
+        site_outputs.add(s.output.grad_fn)
+        for node in _walk([s.output.grad_fn], {s.data.grad_fn} - {None}):
+            owners.setdefault(node, set()).add(j)
+    slow: dict[int, str] = {}
+    module_nodes = _walk([t.grad_fn for t in outputs], {t.grad_fn for t in inputs} - {None})
+    for node in module_nodes:
+        mine = owners.get(node, set())
+        for fn, _ in node.next_functions:
+            if fn is None:
+                continue
+            var = getattr(fn, "variable", None)
+            k = index.get(id(var)) if var is not None else None
+            if k is not None:
+                if not any(any(op[0].index == k for op in sites[j].operands.values()) for j in mine):
+                    slow.setdefault(k, f"'{params[k][0]}' is used by {type(node).__name__}")
+            elif var is None and fn in owners and fn not in site_outputs and not (owners[fn] & mine):
+                for j in owners[fn]:
+                    for op in sites[j].operands.values():
+                        slow.setdefault(op[0].index, f"'{params[op[0].index][0]}' is used by {type(node).__name__}")
+    return slow

@@ -1,0 +1,282 @@
+"""Fast rules reached through functional calls (fastcurv/layers/functional.py): modules without a
+registered rule whose forward calls F.linear / addmm / matmul / F.embedding / F.layer_norm /
+F.rms_norm / F.batch_norm or a broadcast ``x * w`` / ``x + w`` on their own parameters, each checked
+against the float64 per-example loop (norms, Gram, penalty gradient), plus the fallback of the
+parameters they cannot serve to the generic rule."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastcurv
+from fastcurv import capture
+from fastcurv.layers import FunctionalLayer, GenericLayer
+from zoo import check_against_loop, loop_grads, trainable
+
+pytestmark = [pytest.mark.filterwarnings("ignore::fastcurv.capture.GenericRuleWarning"), pytest.mark.usefixtures("float64_default")]
+
+
+def fast_fraction(cap) -> float:
+    """Fraction of the captured parameters (elements) served by fast rules in the last forward."""
+    total = slow = 0
+    for layer in cap.layers:
+        for name, p in layer.params:
+            total += p.numel()
+            if isinstance(layer, GenericLayer) or (isinstance(layer, FunctionalLayer) and name in layer.generic_params):
+                slow += p.numel()
+    return 1 - slow / total
+
+
+# ------------------------------------------------------------------ the modules (shaped like the real ones)
+class RMSNorm(nn.Module):  # LlamaRMSNorm / MistralRMSNorm / Qwen2RMSNorm
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(d)), eps
+
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32) if dtype != torch.float64 else h
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    def forward(self, x):
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out * (1.0 + self.weight.double())
+
+
+class FunctionalRMSNorm(RMSNorm):
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Conv1D(nn.Module):  # Hugging Face GPT-2: W is [in, out], rows flattened
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight, self.bias, self.nf = nn.Parameter(torch.randn(nx, nf) * 0.3), nn.Parameter(torch.randn(nf)), nf
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class MatmulProj(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d_in, d_out) * 0.3)
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class ScaledEmbedding(nn.Embedding):  # Gemma's normalizer, BART's BartScaledWordEmbedding
+    def forward(self, ids):
+        return super().forward(ids) * self.embedding_dim ** 0.5
+
+
+class OffsetPositions(nn.Embedding):  # OPT / BART learned positions with an offset of 2
+    def forward(self, mask):
+        pos = (torch.cumsum(mask, 1) * mask - 1).long()
+        return super().forward(pos + 2)
+
+
+class LayerNorm2d(nn.LayerNorm):  # timm
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class LayerScale2d(nn.Module):  # timm ConvNeXt: gamma reshaped to the channels
+    def __init__(self, c):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        return x.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):  # timm: F.batch_norm then the activation
+    def forward(self, x):
+        bn_training = self.training or self.running_mean is None
+        x = F.batch_norm(x, self.running_mean if not self.training or self.track_running_stats else None,
+                         self.running_var if not self.training or self.track_running_stats else None,
+                         self.weight, self.bias, bn_training, 0.1, self.eps)
+        return torch.relu(x)
+
+
+class PosEmbed(nn.Module):  # a learned position table added to a batched tensor
+    def __init__(self, n, d):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, n, d))
+
+    def forward(self, x):
+        return x + self.pos
+
+
+class LinearTanh(nn.Linear):  # a subclass overriding forward
+    def forward(self, x):
+        return torch.tanh(super().forward(x)) * 2
+
+
+class TwiceScaled(nn.Module):  # one parameter at two sites, and a parameter no site serves
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+        self.gate = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return (x * self.w) * self.w + x * torch.sigmoid(self.gate)
+
+
+class Tokens(nn.Module):
+    def __init__(self, inner, V=13, d=6):
+        super().__init__()
+        self.inner, self.head = inner, nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.inner(ids)).mean(1))
+
+
+def seq_model(block, d=6):
+    return nn.Sequential(nn.Linear(4, d), block, nn.Tanh(), nn.Linear(d, 3))
+
+
+def conv_model(block, c=4):
+    return nn.Sequential(nn.Conv2d(2, c, 3, padding=1), block, nn.Tanh(), nn.Flatten(), nn.Linear(c * 5 * 5, 3))
+
+
+SEQ = {
+    "llama_rmsnorm": lambda: RMSNorm(6), "gemma_rmsnorm": lambda: GemmaRMSNorm(6), "f_rms_norm": lambda: FunctionalRMSNorm(6),
+    "conv1d_addmm": lambda: Conv1D(6, 6), "matmul": lambda: MatmulProj(6, 6), "linear_subclass": lambda: LinearTanh(6, 6),
+    "pos_embed_add": lambda: PosEmbed(5, 6),
+}
+CONV = {"layernorm2d": lambda: LayerNorm2d(4), "layer_scale": lambda: LayerScale2d(4), "batchnorm_act_eval": lambda: BatchNormAct2d(4).eval()}
+
+
+def _losses(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+@pytest.mark.parametrize("case", list(SEQ))
+def test_sequence_modules_are_exact_on_fast_rules(case):
+    torch.manual_seed(0)
+    model = seq_model(SEQ[case]())
+    x, y = torch.randn(4, 5, 4), torch.randint(0, 3, (4,))
+    forward = lambda m: m(x).mean(1)  # noqa: E731
+    check_against_loop(model, forward, lambda out: _losses(out, y))
+    with capture(model) as cap:
+        forward(model)
+    assert fast_fraction(cap) == 1.0 and not cap.generic, cap.generic
+
+
+@pytest.mark.parametrize("case", list(CONV))
+def test_conv_modules_are_exact_on_fast_rules(case):
+    torch.manual_seed(0)
+    block = CONV[case]()
+    if isinstance(block, nn.BatchNorm2d):
+        block.running_mean.uniform_(-1, 1), block.running_var.uniform_(0.5, 2)
+    model = conv_model(block)
+    x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
+    check_against_loop(model, lambda m: m(x), lambda out: _losses(out, y))
+    with capture(model) as cap:
+        model(x)
+    assert fast_fraction(cap) == 1.0 and not cap.generic, cap.generic
+
+
+@pytest.mark.parametrize("inner", ["scaled", "offset_positions"])
+def test_embedding_subclasses_are_exact_on_fast_rules(inner):
+    torch.manual_seed(0)
+    emb = ScaledEmbedding(13, 6, padding_idx=1) if inner == "scaled" else OffsetPositions(12, 6)
+    model = Tokens(emb)
+    ids = torch.randint(0, 13, (4, 5))
+    ids[0, 0] = 1
+    arg = ids if inner == "scaled" else (ids > 2).long()
+    y = torch.randint(0, 3, (4,))
+    check_against_loop(model, lambda m: m(arg), lambda out: _losses(out, y))
+    with capture(model) as cap:
+        model(arg)
+    assert fast_fraction(cap) == 1.0
+
+
+def test_batchnorm_subclass_in_train_mode_follows_the_batchnorm_option():
+    torch.manual_seed(0)
+    model = conv_model(BatchNormAct2d(4))
+    x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
+    with pytest.raises(RuntimeError, match=r"BatchNormAct2d.*batch statistics"):
+        with capture(model):
+            model(x)
+    check_against_loop(model, lambda m: m(x), lambda out: _losses(out, y), capture_kwargs={"batchnorm": "exact"})
+
+
+def test_parameters_no_site_serves_take_the_generic_rule_alone():
+    torch.manual_seed(0)
+    model = seq_model(TwiceScaled(6))
+    x, y = torch.randn(4, 5, 4), torch.randint(0, 3, (4,))
+    forward = lambda m: m(x).mean(1)  # noqa: E731
+    check_against_loop(model, forward, lambda out: _losses(out, y))
+    fastcurv.capture._reported.clear()
+    with pytest.warns(fastcurv.capture.GenericRuleWarning, match=r"'1' \(no fast rule for TwiceScaled; '1.gate' is used by SigmoidBackward0\)"):
+        with capture(model) as cap:
+            forward(model)
+    layer = next(l for l in cap.layers if l.name == "1")
+    assert list(layer.generic_params) == ["1.gate"] and list(cap.generic) == ["1"]
+
+
+def test_unprovable_flattened_rows_take_the_generic_rule():
+    class SeqFirstFlatten(Conv1D):  # rows of x.transpose(0, 1) flattened: example of a row is not row // T
+        def forward(self, x):
+            flat = x.transpose(0, 1).reshape(-1, x.shape[-1])
+            return torch.addmm(self.bias, flat, self.weight).view(x.shape[1], x.shape[0], -1).transpose(0, 1)
+
+    torch.manual_seed(0)
+    model = seq_model(SeqFirstFlatten(6, 6))
+    x, y = torch.randn(4, 5, 4), torch.randint(0, 3, (4,))
+    forward = lambda m: m(x).mean(1)  # noqa: E731
+    check_against_loop(model, forward, lambda out: _losses(out, y))
+    with capture(model) as cap:
+        forward(model)
+    assert set(next(l for l in cap.layers if l.name == "1").generic_params) == {"1.weight", "1.bias"}
+
+
+def test_dot_weighted_sum_and_grads_map_back_through_the_steps():
+    """Conv1D's transposed weight, Gemma's 1 + w and the layer scale's reshape: every quantity of the
+    per-example gradients (not only norms) comes back in the parameter's own layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), Conv1D(5, 6), GemmaRMSNorm(5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(4, 3, 4), torch.randint(0, 3, (4,))
+    params = [p for _, p in trainable(model)]
+    G = loop_grads(_losses(model(x).mean(1), y), params)
+    with capture(model) as cap:
+        out = model(x).mean(1)
+    losses = _losses(out, y)
+    grads = cap.per_example_grads(losses)
+    torch.testing.assert_close(torch.cat([grads[n].flatten(1) for n, _ in trainable(model)], 1), G)
+    deltas = cap.deltas(losses)
+    V = [torch.randn(2, *p.shape) for p in params]
+    coeffs = torch.randn(4, 2)
+    index = {id(p): k for k, p in enumerate(params)}
+    offsets = torch.tensor([0] + [p.numel() for p in params]).cumsum(0)
+    for layer, d in zip(cap.layers, deltas):
+        vs = [V[index[id(p)]] for _, p in layer.params]
+        cols = torch.cat([torch.arange(offsets[index[id(p)]], offsets[index[id(p)] + 1]) for _, p in layer.params])
+        Vflat = torch.cat([v.flatten(1) for v in vs], 1)
+        torch.testing.assert_close(layer.dot(d, vs), G[:, cols] @ Vflat.T)
+        wsum = torch.cat([w.flatten(1) for w in layer.weighted_grad_sum(d, coeffs)], 1)
+        torch.testing.assert_close(wsum, coeffs.T @ G[:, cols])
+
+
+def test_the_recorder_is_gone_after_an_error_in_the_forward():
+    class Boom(RMSNorm):
+        def forward(self, x):
+            raise ValueError("boom")
+
+    model = seq_model(Boom(6))
+    with pytest.raises(ValueError, match="boom"):
+        with capture(model):
+            model(torch.randn(2, 5, 4))
+    from torch.overrides import _get_current_function_mode_stack
+    assert not _get_current_function_mode_stack()
