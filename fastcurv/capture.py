@@ -18,9 +18,10 @@ which rule serves which module, the deltas, and the checks that keep the numbers
   re-run of that module; reported once in :attr:`Capture.generic`). ``strict=True`` refuses instead.
 * Shared parameters (tied weights, a module called several times) count once with all their uses
   summed: ``||sum of the uses' gradients||^2``, cross terms included.
-* A module called without the batch dim (``wpe(torch.arange(T))``, broadcast over the batch) gets
-  exact per-example deltas by a batched backward (cost: B vector-Jacobian products of the graph
-  above it). Inputs whose layout is ambiguous (a sequence dim equal to B) are checked with one
+* A module called without the batch dim (``wpe(torch.arange(T))``, GPT-2's ``position_ids`` [1, T])
+  whose output is added onto a batched tensor gets its per-example deltas from that add's output
+  gradient, summed over the broadcast dims (no extra backward). Used any other way, it takes a
+  batched backward (B vector-Jacobian products of the graph above it; ``SharedInputWarning``, once). Inputs whose layout is ambiguous (a sequence dim equal to B) are checked with one
   extra random-weighted backward, never guessed.
 * BatchNorm normalizing with batch statistics makes examples interact: refused by default;
   ``batchnorm="frozen_stats"`` gives per-example gradients with the batch statistics held constant,
@@ -57,7 +58,7 @@ from fastcurv.layers.generic import replaying
 from fastcurv.layers.reparam import ReparamLayer, check_plain_weights, parametrization_prefixes, reparametrized
 from fastcurv.layers.norm import frozen_stats_forward, stats_gate_closed, uses_batch_stats
 
-__all__ = ["capture", "Capture", "CapturedLayer", "GenericRuleWarning", "SUPPORTED_MODULES", "BATCHNORM_MODES"]
+__all__ = ["capture", "Capture", "CapturedLayer", "GenericRuleWarning", "SharedInputWarning", "SUPPORTED_MODULES", "BATCHNORM_MODES"]
 
 SUPPORTED_MODULES = registered_types()  # modules with a fast rule (at import time of this module)
 BATCHNORM_MODES = ("refuse", "frozen_stats", "exact")
@@ -374,8 +375,9 @@ class Capture:
                         probe.remove()
                 found.update({id(r): g for r, g in zip(live, grads) if g is not None and not r.shared})
             for r, probe in probes:
-                if probe.delta is not None and tuple(probe.delta.shape) == (self.batch_size,) + tuple(r.output.shape):
-                    found[id(r)] = probe.delta
+                delta = _broadcast_delta(probe.delta, r.output, self.batch_size)
+                if delta is not None:
+                    found[id(r)] = delta
                     shared = [(layer, rr) for layer, rr in shared if rr is not r]
             # each record's layout is a property of the forward: checked once per capture, not per call
             suspects = [r for layer, r in batched if id(r) in found and not r.layout_checked and self._ambiguous(layer, r)]
@@ -393,6 +395,7 @@ class Capture:
                 r.shared = True  # its output is shared by the examples: per-example deltas below
                 shared.append((layer, r))
             if shared:
+                self._say_shared([(layer, r) for layer, r in shared if r.output.requires_grad])
                 found.update(self._per_example_deltas(losses, [r for _, r in shared], create_graph))
         if not found:
             raise RuntimeError(
@@ -488,7 +491,8 @@ class Capture:
 
     def _broadcast_probes(self, losses, records) -> list:
         """Shared outputs whose only use is ``batched + shared`` (nanoGPT's ``wte(idx) + wpe(pos)``):
-        the add's output gradient, ``[B, *output]``, is their per-example delta, so a hook on that
+        the add's output gradient, ``[B, ...]``, summed over the dims the shared output was broadcast
+        along (HF GPT-2's ``[1, T, D]`` position embeddings), is their per-example delta, so a hook on that
         add node gives it during the ordinary backward, with no batched backward."""
         if not records:
             return []
@@ -503,6 +507,17 @@ class Capture:
             if len(users) == 1 and type(users[0]).__name__ == "AddBackward0" and getattr(users[0], "_saved_alpha", None) == 1:
                 probes.append((r, _GradProbe(users[0])))
         return probes
+
+    @staticmethod
+    def _say_shared(shared) -> None:
+        if shared:
+            names = ", ".join(f"{describe(layer.name, layer.module)} (input {tuple(r.input.shape)})" for layer, r in shared)
+            _report_once(
+                f"fastcurv.capture: {names} got an input without the batch dim, so its output is shared by the batch and "
+                "its per-example deltas take a batched backward of the graph above it (B vector-Jacobian products, "
+                "about B backward passes: GPT-2's position_ids [1, T] cost ~4x the whole step). Fix: give it the batch "
+                "dim (position_ids.expand(B, -1)), or add its output straight onto a batched tensor (x + wpe(pos)), "
+                "which is served without that backward.", SharedInputWarning)
 
     def _per_example_deltas(self, losses, records, create_graph) -> dict[int, torch.Tensor]:
         """``[B, *output]`` deltas of outputs shared by the examples: B vector-Jacobian products in one
@@ -742,6 +757,29 @@ def _explain_second_backward():
         raise
 
 
+def _broadcast_delta(grad, shared_output, B: int):
+    """Per-example deltas ``[B, *shared_output.shape]`` of an output shared by the batch and added to a
+    batched tensor, from the add's output gradient ``grad`` ``[B, ...]`` (row i is example i's: the rows of
+    a batched sum): example i's delta is row i summed over the dims the shared output was broadcast
+    along (``[1, T, D]`` or ``[T, D]`` onto ``[B, T, D]``). None when the shapes do not say so unambiguously
+    (a non-batch dim of size B: then the batched backward decides)."""
+    if grad is None or grad.ndim < 1 or grad.shape[0] != B or B in tuple(grad.shape[1:]):
+        return None
+    shape = tuple(shared_output.shape)
+    if len(shape) > grad.ndim:
+        return None
+    padded = (1,) * (grad.ndim - len(shape)) + shape
+    if padded[0] != 1 or any(p not in (1, g) for p, g in zip(padded[1:], grad.shape[1:])):
+        return None
+    dims = tuple(k for k in range(1, grad.ndim) if padded[k] == 1 and grad.shape[k] != 1)
+    summed = grad.sum(dims, keepdim=True) if dims else grad
+    return summed.reshape((B,) + shape)
+
+
+class SharedInputWarning(UserWarning):
+    """A module got an input without the batch dim and its per-example deltas take a batched backward (said once)."""
+
+
 class GenericRuleWarning(UserWarning):
     """Some modules go through the exact but materialized generic rule (said once per set of modules)."""
 
@@ -749,10 +787,10 @@ class GenericRuleWarning(UserWarning):
 _reported: set[str] = set()
 
 
-def _report_once(message: str) -> None:
+def _report_once(message: str, category: type = GenericRuleWarning) -> None:
     if message not in _reported:
         _reported.add(message)
-        warnings.warn(message, GenericRuleWarning, stacklevel=3)
+        warnings.warn(message, category, stacklevel=3)
 
 
 def _refuse_scripted(name: str, module: nn.Module) -> None:

@@ -280,3 +280,58 @@ def test_the_recorder_is_gone_after_an_error_in_the_forward():
             model(torch.randn(2, 5, 4))
     from torch.overrides import _get_current_function_mode_stack
     assert not _get_current_function_mode_stack()
+
+
+# ------------------------------------------------------------------ inputs without the batch dim (issue 20 item 5)
+class PositionsLM(nn.Module):
+    """HF GPT-2's embedding: position_ids [1, T] (no batch dim) added onto the token embeddings."""
+
+    def __init__(self, V=11, D=6, T_max=8, use="add"):
+        super().__init__()
+        self.wte, self.wpe, self.use = nn.Embedding(V, D), nn.Embedding(T_max, D), use
+        self.mix, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, idx):
+        tokens = self.wte(idx)  # first: the first captured module's input sets the batch size
+        p = self.wpe(torch.arange(idx.shape[1]).unsqueeze(0))
+        x = tokens + p if self.use == "add" else tokens * torch.tanh(p)
+        return self.head(torch.tanh(self.mix(x)).mean(1))
+
+
+def test_broadcast_position_embedding_needs_no_batched_backward(monkeypatch):
+    """The [1, T, D] output added onto [B, T, D]: its per-example deltas are the add's output gradient rows
+    (summed over nothing here, over T for a [1, 1, D] table), exact against the loop, and the batched
+    backward of the shared-input path never runs."""
+    torch.manual_seed(0)
+    model = PositionsLM()
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+
+    def no_batched_backward(*args, **kwargs):
+        raise AssertionError("the shared-input path's batched backward ran")
+
+    monkeypatch.setattr(fastcurv.capture.Capture, "_per_example_deltas", no_batched_backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastcurv.capture.SharedInputWarning)
+        check_against_loop(model, lambda m: m(idx), lambda out: _losses(out, y))
+
+
+def test_shared_input_used_otherwise_says_so_once_and_stays_exact():
+    torch.manual_seed(0)
+    model = PositionsLM(use="gate")
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    fastcurv.capture._reported.clear()
+    with pytest.warns(fastcurv.capture.SharedInputWarning, match=r"'wpe' \(Embedding\) \(input \(1, 5\)\).*position_ids.expand"):
+        check_against_loop(model, lambda m: m(idx), lambda out: _losses(out, y))
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 6), (5, 6), (1, 1, 6), (6,)])
+def test_broadcast_delta_sums_over_the_broadcast_dims(shape):
+    from fastcurv.capture import _broadcast_delta
+
+    grad = torch.randn(4, 5, 6)
+    shared = torch.zeros(shape)
+    got = _broadcast_delta(grad, shared, 4)
+    # example i's delta: the VJP of s -> (batched + s)[i] with row i of the add's output gradient
+    want = torch.stack([torch.autograd.functional.vjp(lambda s: (torch.zeros(4, 5, 6) + s)[i], shared, grad[i])[1] for i in range(4)])
+    torch.testing.assert_close(got, want)
+    assert _broadcast_delta(torch.randn(4, 4, 6), torch.zeros(1, 4, 6), 4) is None  # a dim of size B: undecided
