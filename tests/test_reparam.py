@@ -147,3 +147,54 @@ def test_custom_pre_hook_rebuilding_the_weight_is_refused():
     lin.register_forward_pre_hook(lambda m, a: setattr(m, "weight", torch.sin(m.weight_raw)))
     with pytest.raises(TypeError, match=r"module '0' \(Linear\).weight is not one of its parameters"):
         fastcurv.capture(nn.Sequential(lin))
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm_hook", "spectral_norm_hook", "weight_norm", "spectral_norm",
+                                  "orthogonal"])
+def test_group_lasso_on_reparametrized_layers(kind):
+    """The penalty is on the effective weight, differentiated into the stored parameters, at every step."""
+    from fastcurv.regularizers import GroupLasso
+
+    m = _model(kind).train()
+    x, _ = _inputs(kind)
+    reg = GroupLasso(m, lam=0.1)
+    stored = [p for n, p in m.named_parameters() if "weight" in n and ("orig" in n or n.endswith(("_g", "_v")))]
+    assert stored
+    for _ in range(2):  # the second step used to hit a freed graph
+        m(x)  # the forward (and spectral_norm's power iteration) of a training step
+        with torch.no_grad():
+            weights = [mod.weight.detach().clone() for mod in m.modules() if isinstance(mod, nn.Linear)]
+        penalty = reg()
+        expect = 0.1 * sum(torch.linalg.vector_norm(w, dim=1).sum() for w in weights)
+        torch.testing.assert_close(penalty, expect, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(penalty, stored)
+        assert all(g.abs().sum() > 0 for g in grads)  # the gradient reaches weight_orig / original0 / ...
+
+
+def test_fisher_norm_batch_on_a_pruned_layer_matches_the_plain_layer():
+    """FisherNorm(mode='batch') on weight = weight_orig * mask equals the penalty on a plain layer holding that
+    weight, and its gradient reaches weight_orig as mask * (gradient w.r.t. the weight), at every step."""
+    from fastcurv.regularizers import FisherNorm
+
+    m = _model("prune")
+    plain = _model("prune")
+    prune.remove(plain[0], "weight")
+    prune.remove(plain[0], "bias")
+    x, y = _inputs("prune")
+    reg, reg_plain = FisherNorm(m[0], gamma=0.5, beta=0.1), FisherNorm(plain[0], gamma=0.5, beta=0.1)
+    for _ in range(2):
+        penalty = reg(F.cross_entropy(m(x), y))
+        expect = reg_plain(F.cross_entropy(plain(x), y))
+        torch.testing.assert_close(penalty, expect, rtol=1e-12, atol=1e-12)
+        (g_orig,) = torch.autograd.grad(penalty, [m[0].weight_orig])
+        (g_plain,) = torch.autograd.grad(expect, [plain[0].weight])
+        torch.testing.assert_close(g_orig, g_plain * m[0].weight_mask, rtol=1e-10, atol=1e-12)
+
+
+def test_fisher_norm_refuses_what_it_cannot_do_exactly():
+    from fastcurv.regularizers import FisherNorm
+
+    with pytest.raises(ValueError, match=r"FisherNorm\(mode='batch'\): the \['weight'\] of layer ParametrizedLinear are rebuilt"):
+        FisherNorm(_model("weight_norm")[0], gamma=0.1)
+    with pytest.raises(ValueError, match=r"FisherNorm\(mode='per_example'\): the \['bias', 'weight'\] of layer"):
+        FisherNorm(_model("prune")[0], gamma=0.1, mode="per_example")

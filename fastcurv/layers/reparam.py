@@ -30,7 +30,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from fastcurv.layers.base import CapturedLayer, describe
 
-__all__ = ["reparametrized", "ReparamLayer", "parametrization_prefixes", "check_plain_weights"]
+__all__ = ["reparametrized", "ReparamLayer", "parametrization_prefixes", "check_plain_weights",
+           "effective_tensor"]
 
 
 def reparametrized(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -48,6 +49,29 @@ def reparametrized(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]
         elif isinstance(hook, SpectralNorm):
             found[hook.name] = [(hook.name + "_orig", getattr(module, hook.name + "_orig"))]
     return found
+
+
+def effective_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>`` as the forward would use it now, freshly computed from the stored parameters (so a
+    penalty on it differentiates through the reparametrization at every step), without advancing a
+    spectral_norm power iteration; the parameter itself when ``name`` is not reparametrized."""
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]
+        modes = [m.training for m in plist.modules()]
+        plist.eval()  # spectral_norm: no power iteration, the u, v the last forward left
+        try:
+            return getattr(module, name)
+        finally:
+            for m, mode in zip(plist.modules(), modes):
+                m.training = mode
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            return hook.apply_mask(module)
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return hook.compute_weight(module)
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            return hook.compute_weight(module, do_power_iteration=False)
+    return getattr(module, name)
 
 
 def check_plain_weights(name: str, module: nn.Module, rule, kinds: dict) -> None:

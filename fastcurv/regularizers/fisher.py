@@ -23,6 +23,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fastcurv.regularizers.norms import Regularizer, check_coefficient, layer_weight
 
@@ -143,6 +144,21 @@ class FisherNorm(Regularizer):
         self.mode = mode
         self.weight = layer_weight("FisherNorm", layer)
         self.layer = layer
+        from fastcurv.layers.reparam import reparametrized
+
+        self._reparametrized = sorted(reparametrized(layer))
+        if self._reparametrized and (mode == "per_example" or parametrize.is_parametrized(layer)):
+            raise ValueError(
+                f"FisherNorm(mode={mode!r}): the {self._reparametrized} of layer {type(layer).__name__} are rebuilt "
+                "from stored parameters (pruning, weight_norm, spectral_norm or a parametrization). "
+                + ("mode='per_example' computes w . g_i from the layer's own parameters, which would be the stored "
+                   "ones, not w; " if mode == "per_example" else
+                   "a parametrized weight is recomputed at each access, so the gradient of the loss w.r.t. the "
+                   "tensor the forward used is not reachable; ")
+                + "not supported. Remove the reparametrization (prune.remove / parametrize.remove_parametrizations)"
+                + (", or use mode='batch' with torch.nn.utils.prune / the old weight_norm hooks." if mode == "per_example" else
+                   ", or use torch.nn.utils.prune / the old torch.nn.utils.weight_norm hooks.")
+            )
         if mode == "per_example" and not isinstance(
             layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
         ):
@@ -185,8 +201,12 @@ class FisherNorm(Regularizer):
         """Release the recorded activations (and the forward graph they keep alive)."""
         self._recorded = None
 
+    def _current_weight(self) -> torch.Tensor:
+        # a pruned / weight-normed weight is rebuilt by a pre-hook at each forward: the one the loss used
+        return self.layer.weight if self._reparametrized else self.weight
+
     def _l2(self) -> torch.Tensor:
-        return self.beta * self.weight.pow(2).sum()
+        return self.beta * self._current_weight().pow(2).sum()
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
         if not isinstance(loss, torch.Tensor):
@@ -208,13 +228,14 @@ class FisherNorm(Regularizer):
                 "FisherNorm(mode='batch'): the loss does not require grad; compute it from the "
                 "model's output and call the regularizer before loss.backward()"
             )
-        (g,) = torch.autograd.grad(loss, self.weight, retain_graph=True, allow_unused=True)
+        weight = self._current_weight()
+        (g,) = torch.autograd.grad(loss, weight, retain_graph=True, allow_unused=True)
         if g is None:
             raise ValueError(
                 f"FisherNorm: the loss does not depend on the weight of {type(self.layer).__name__} "
                 f"(shape {tuple(self.weight.shape)}); pass the loss of the model containing this layer"
             )
-        penalty = self.gamma * fisher_norm(self.weight, g)
+        penalty = self.gamma * fisher_norm(weight, g)
         return penalty + self._l2() if self.beta else penalty
 
     def _per_example(self, losses: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,11 @@ def layer_weight(owner: str, layer: nn.Module) -> torch.Tensor:
     """``layer.weight`` as a parameter requiring grad, or a clear error naming the layer."""
     if not isinstance(layer, nn.Module):
         raise TypeError(f"{owner}: expected a layer (nn.Module), got {type(layer).__name__}")
+    from fastcurv.layers.reparam import effective_tensor
+
     weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        weight = effective_tensor(layer, "weight")  # pruned / weight-normed: requires grad through the stored ones
     if not isinstance(weight, torch.Tensor):
         raise ValueError(
             f"{owner}: layer {type(layer).__name__} has no `weight` tensor; expected a layer such as "
@@ -213,10 +217,16 @@ class GroupLasso(Regularizer):
                     f"{tuple(weight.shape)}; expected >= 2 dims (rows = output units)"
                 )
             self.weights.append(weight)
+        self.modules = modules
 
     def __call__(self, loss: torch.Tensor | None = None) -> torch.Tensor:
+        from fastcurv.layers.reparam import effective_tensor
+
+        # read at each call: a pruned / weight-normed / parametrized weight is rebuilt from its stored
+        # parameters, so the penalty's gradient reaches them (and no stale graph is reused)
+        weights = [effective_tensor(m, "weight") for m in self.modules]
         # vector_norm's backward at a zero row is 0, not nan.
         norms = (
-            torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).sum() for w in self.weights
+            torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).sum() for w in weights
         )
-        return self.lam * _sum_or_zero(norms, self.weights[0])
+        return self.lam * _sum_or_zero(norms, weights[0])
