@@ -26,7 +26,9 @@ parameters (activations, pooling, residual adds, dropout) run on the whole batch
    forward and backward give all ``grad L(B_k, w - alpha g_k)``, summed over k by the backward.
 
 Models with a module this grouped forward does not cover (see :data:`GROUPED_MODULES`) fall back to
-``torch.func.vmap`` over the sub-batches of ``functional_call`` (same values and gradients, slower).
+``torch.func.vmap`` over the sub-batches of ``functional_call`` (same values and gradients, slower); so do
+layers whose weight a pre-hook rebuilds (pruning, weight_norm), and where an op has no vmap rule
+(``aten::lstm``, ``aten::gru``) the sub-batches run one ``functional_call`` each.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fastcurv.layers.base import describe
+from fastcurv.layers.reparam import reparametrized
 from fastcurv.regularizers.norms import Regularizer, check_coefficient, trainable_parameters
 
 __all__ = ["SubBatchGradNorm", "GROUPED_MODULES"]
@@ -431,6 +434,8 @@ class SubBatchGradNorm(Regularizer):
         covered (then the whole model runs under vmap)."""
         grouped = []
         for name, module in self.model.named_modules():
+            if reparametrized(module):
+                return None  # weight rebuilt by a pre-hook (pruning, weight_norm): the functional forward runs it
             if type(module) in _GROUPED_RULES and "forward" not in module.__dict__:  # no instance override
                 grouped.append((name, module))  # frozen ones too: BatchNorm's statistics are per sub-batch
             elif any(p.requires_grad for p in module.parameters(recurse=False)):
@@ -500,7 +505,18 @@ class SubBatchGradNorm(Regularizer):
             return self.loss_fn(functional_call(self.model, (params, frozen), (xk,)), yk)
 
         # randomness="different": dropout draws its own masks per sub-batch, as separate forwards would
-        per_subbatch = vmap(subbatch_losses, in_dims=(0, 0, 0), randomness="different")
+        vmapped = vmap(subbatch_losses, in_dims=(0, 0, 0), randomness="different")
+
+        def per_subbatch(params, xs, ys):
+            try:
+                return vmapped(params, xs, ys)
+            except RuntimeError as exc:
+                if "Batching rule not implemented" not in str(exc) and "vmap" not in str(exc):
+                    raise
+                # no vmap rule for an op of the model (aten::lstm, aten::gru): one functional forward per
+                # sub-batch, the same values and gradients
+                return torch.stack([subbatch_losses({n: t[k] for n, t in params.items()}, xs[k], ys[k])
+                                    for k in range(xs.shape[0])])
         out = []
         for first, count, rounds, start in layout.segments:
             rows = slice(start, start + rounds * count)  # [rounds, count] -> [count, rounds]
