@@ -106,6 +106,7 @@ class Capture:
         self._patched: list = []
         self._batch: Optional[int] = None
         self._batch_source = None
+        self._rows_verdicts: dict = {}  # regrouped [B*T, ...] calls whose layout check passed (kept across forwards)
         self._generic_batch = None
         self._coupled: list[str] = []  # BatchNorms that normalized with batch statistics (mode "exact")
         self._ignore = ignore
@@ -331,6 +332,8 @@ class Capture:
             return False
         if n == self._batch:
             return False
+        if layer.regroups_rows and n > self._batch and n % self._batch == 0:
+            return ("rows", n // self._batch)  # [B*T, ...] rows (OPT's flattened MLP): regrouped, layout checked
         if layer.supports_shared_input:
             return True  # e.g. wpe(torch.arange(T)): one input for every example
         raise RuntimeError(
@@ -381,10 +384,21 @@ class Capture:
                     shared = [(layer, rr) for layer, rr in shared if rr is not r]
             # each record's layout is a property of the forward: checked once per capture, not per call
             suspects = [r for layer, r in batched if id(r) in found and not r.layout_checked and self._ambiguous(layer, r)]
+            suspects += [r for layer, r in batched if id(r) in found and r.rows_per_example > 1 and not self._rows_proven(layer, r)]
             for r in suspects:
                 r.layout_checked = True
             for r in self._interacting(losses, suspects, found):
                 layer = next(layer for layer, rr in batched if rr is r)
+                if r.rows_per_example > 1:
+                    self._rows_verdicts.pop(self._rows_key(layer, r), None)
+                    raise RuntimeError(
+                        f"fastcurv.capture: {describe(layer.name, layer.module)} got [B*T, ...] rows "
+                        f"{(r.input.shape[0] * r.input.shape[1],) + tuple(r.input.shape[2:])} with batch size "
+                        f"{self.batch_size}{self._batch_origin()}, but its rows are not T consecutive rows per example "
+                        "(the random-weighted check of the deltas failed): flattened from a sequence-first [T, B, ...] "
+                        "tensor, or the batch is not what that module's dim 0 says. Flatten batch-first "
+                        "(x.reshape(B * T, -1) of a [B, T, ...] tensor) or keep the [B, T, ...] layout for the layer."
+                    )
                 if not layer.supports_shared_input:
                     raise RuntimeError(
                         f"fastcurv.capture: dim 0 of the input {tuple(r.input.shape)} of {describe(layer.name, layer.module)} "
@@ -412,6 +426,8 @@ class Capture:
                 if d is None:  # an output the losses do not depend on has delta exactly zero
                     d = torch.zeros((B,) + tuple(r.output.shape) if r.shared else r.output.shape,
                                     dtype=r.output.dtype, device=r.output.device)
+                if r.rows_per_example > 1:
+                    d = d.reshape(B, r.rows_per_example, *d.shape[1:])
                 ds.append(d)
             out.append(ds[0] if len(ds) == 1 else ds)
         return out
@@ -461,6 +477,28 @@ class Capture:
                 "forward run under torch.no_grad(), or are the losses detached?)"
             )
 
+    def _rows_of(self, layer: CapturedLayer, r) -> int:
+        return r.input.shape[0] // self._batch
+
+    @staticmethod
+    def _rows_key(layer, r) -> tuple:
+        return (layer.name, layer.records.index(r), tuple(r.input.shape), layer.module.training)
+
+    def _rows_proven(self, layer: CapturedLayer, r) -> bool:
+        """A regrouped record's layout is proven when its input is a contiguous flattening of a [B, ...]
+        tensor (OPT's x.reshape(-1, d) before final_layer_norm), or when the random-weighted check passed
+        on an earlier forward of this Capture with the same call, shape and train/eval mode (the check costs
+        one backward: done once, not every step)."""
+        base = r.input._base
+        if base is not None and base.shape[:1] == (self.batch_size,) and base.numel() == r.input.numel() \
+                and base.is_contiguous() and r.input.is_contiguous() and base.data_ptr() == r.input.data_ptr():
+            return True
+        key = self._rows_key(layer, r)
+        if key in self._rows_verdicts:
+            return True
+        self._rows_verdicts[key] = True  # popped again if the check below fails
+        return False
+
     def _ambiguous(self, layer: CapturedLayer, r) -> bool:
         return isinstance(r.input, torch.Tensor) and layer.layout_is_ambiguous(r.input, self.batch_size)
 
@@ -483,7 +521,8 @@ class Capture:
         for r, v in zip(suspects, weighted):
             d = found[id(r)].detach()
             v = torch.zeros_like(d) if v is None else v
-            expect = w.view(-1, *([1] * (d.ndim - 1))).to(d.dtype) * d
+            w_rows = w.repeat_interleave(r.rows_per_example)  # regrouped rows: T consecutive rows per example
+            expect = w_rows.view(-1, *([1] * (d.ndim - 1))).to(d.dtype) * d
             tol = 1e-4 if d.dtype != torch.float64 else 1e-10
             if not torch.allclose(v, expect, rtol=tol, atol=tol * float(d.abs().max().clamp_min(1e-30))):
                 bad.append(r)
@@ -822,6 +861,10 @@ class _RecordHook:
         inp = self.layer.batch_witness(args, kwargs, output)
         shared = self.cap._on_record(self.layer, inp)
         replacement = self.layer.record(args, kwargs, output)
+        if isinstance(shared, tuple):  # [B*T, ...] rows: regrouped to [B, T, ...] (the deltas too, in deltas())
+            rec, shared = self.layer.records[-1], False
+            rec.rows_per_example = shared_rows = self.cap._rows_of(self.layer, rec)
+            rec.input = rec.input.reshape(rec.input.shape[0] // shared_rows, shared_rows, *rec.input.shape[1:])
         if shared:
             self.layer.records[-1].shared = True
         return replacement

@@ -335,3 +335,49 @@ def test_broadcast_delta_sums_over_the_broadcast_dims(shape):
     want = torch.stack([torch.autograd.functional.vjp(lambda s: (torch.zeros(4, 5, 6) + s)[i], shared, grad[i])[1] for i in range(4)])
     torch.testing.assert_close(got, want)
     assert _broadcast_delta(torch.randn(4, 4, 6), torch.zeros(1, 4, 6), 4) is None  # a dim of size B: undecided
+
+
+# ------------------------------------------------------------------ flattened batches (issue 16 item 3)
+class FlatMLP(nn.Module):
+    """OPT's decoder MLP: [B, T, d] flattened to [B*T, d] rows before LayerNorm / fc1 / fc2."""
+
+    def __init__(self, d=6, seq_first=False):
+        super().__init__()
+        self.emb, self.ln, self.fc1, self.fc2, self.head = nn.Embedding(11, d), nn.LayerNorm(d), nn.Linear(d, 8), nn.Linear(8, d), nn.Linear(d, 3)
+        self.seq_first = seq_first
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        shape = h.shape
+        flat = (h.transpose(0, 1) if self.seq_first else h).reshape(-1, shape[-1])
+        out = flat + self.fc2(torch.tanh(self.fc1(self.ln(flat))))
+        out = out.view(shape[1], shape[0], -1).transpose(0, 1) if self.seq_first else out.view(shape)
+        return self.head(out.mean(1))
+
+
+def test_flattened_rows_are_regrouped_and_checked_once(monkeypatch):
+    torch.manual_seed(0)
+    model = FlatMLP()
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    check_against_loop(model, lambda m: m(idx), lambda out: _losses(out, y))
+    cap = capture(model)
+    calls = []
+    original = fastcurv.capture.Capture._interacting
+    monkeypatch.setattr(fastcurv.capture.Capture, "_interacting", lambda self, l, s, f: calls.append(len(s)) or original(self, l, s, f))
+    for _ in range(2):
+        with cap:
+            out = model(idx)
+        cap.per_example_sqnorms(_losses(out, y))
+    # ln's input is a contiguous view of the [B, T, d] tensor (proven); fc1 and fc2 are checked on the first forward only
+    assert calls == [2, 0] and fast_fraction(cap) == 1.0
+
+
+def test_flattened_rows_of_another_layout_are_refused_with_the_fix():
+    torch.manual_seed(0)
+    model = FlatMLP(seq_first=True)
+    idx, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    with capture(model) as cap:
+        out = model(idx)
+    with pytest.raises(RuntimeError, match=r"module 'ln' \(LayerNorm\) got \[B\*T, \.\.\.\] rows \(20, 6\) with batch size 4 "
+                       r"\(dim 0 of the input \(4, 5\) of module 'emb' \(Embedding\).*taken as the batch\).*Flatten batch-first"):
+        cap.per_example_sqnorms(_losses(out, y))

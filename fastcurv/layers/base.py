@@ -48,6 +48,7 @@ class Record:
     shared: bool = False
     versions: tuple = ()
     layout_checked: bool = False  # the capture's random-weighted check of an ambiguous layout ran
+    rows_per_example: int = 1  # > 1: the call got [B*T, ...] rows; ``input`` and the deltas are regrouped [B, T, ...]
 
 
 Deltas = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -75,6 +76,8 @@ class CapturedLayer:
     supports_shared_input: bool = False
     #: inputs with fewer dims have no batch dim (a Linear's [d_in] vector)
     min_batched_ndim: int = 1
+    #: True when the rule acts on each row of its input alone, so [B*T, ...] rows can be regrouped [B, T, ...]
+    regroups_rows: bool = False
 
     def __init__(self, name: str, module: nn.Module, params: list):
         self.name = name
@@ -183,6 +186,8 @@ class CapturedLayer:
             )
         for r, d in zip(self.records, deltas):
             expected = tuple(r.output.shape)
+            if r.rows_per_example > 1:
+                expected = (expected[0] // r.rows_per_example, r.rows_per_example) + expected[1:]
             if r.shared:
                 expected = (self.batch_size_hint(deltas),) + expected
             if not isinstance(d, torch.Tensor) or tuple(d.shape) != expected:

@@ -19,6 +19,7 @@ __all__ = ["EmbeddingLayer"]
 @register(nn.Embedding)
 class EmbeddingLayer(CapturedLayer):
     supports_shared_input = True
+    regroups_rows = True
 
     def __init__(self, name, module, params):
         if module.scale_grad_by_freq:  # refused outright: the generic rule could not see it either

@@ -43,6 +43,7 @@ class BagEntries:
 
 @register(nn.EmbeddingBag)
 class EmbeddingBagLayer(EmbeddingLayer):
+    regroups_rows = False  # its examples are bags
     supports_shared_input = False  # every call is batched: [B, L], or 1-D tokens with B bags
 
     def __init__(self, name, module, params):

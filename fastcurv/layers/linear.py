@@ -175,6 +175,7 @@ class SpatialMapLayer(LinearMapLayer):
 @register(nn.Linear)
 class LinearLayer(LinearMapLayer):
     supports_shared_input = True
+    regroups_rows = True
     min_batched_ndim = 2
 
     def unfold(self, x):

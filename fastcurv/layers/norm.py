@@ -38,6 +38,10 @@ class NormLayer(CapturedLayer):
     def _cache_clear(self):
         self._xhat = None
 
+    @property
+    def regroups_rows(self) -> bool:
+        return isinstance(self.module, _LAST_DIM_NORMS)  # per-channel norms treat dim 0 as the batch themselves
+
     def layout_is_ambiguous(self, inp, batch_size):
         # per-channel norms (GroupNorm, BatchNorm, InstanceNorm) treat dim 0 as the batch themselves
         return isinstance(self.module, _LAST_DIM_NORMS) and super().layout_is_ambiguous(inp, batch_size)
