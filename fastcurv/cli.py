@@ -420,44 +420,27 @@ def _time_plot(results: dict, rules: list[str], task: str, out: str) -> list[str
 
 
 def _plots(results: dict, rules: list[str], task: str, out: str) -> list[str]:
-    try:
-        import matplotlib
+    """Per-epoch curves of the rules (1-based epochs, one line style and marker per rule, labelled std
+    bands): the reproductions' plot_curves."""
+    from fastcurv.reproduce.common import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install 'fastcurv[plot]')", file=sys.stderr)
-        return []
     metric = "test_accuracy" if task == "classification" else "test_error"
     written = []
     for key, fname in ((metric, f"{metric}.png"), ("top_eigenvalue", "top_eigenvalue.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        drew = False
+        series, epochs = {}, None
         for rule in rules:
             runs = results["rules"][rule]["runs"]
-            series = [[r.get(key, math.nan) for r in run["history"]] for run in runs]
-            if all(math.isnan(v) for s in series for v in s):
+            per_seed = [[r.get(key, math.nan) for r in run["history"]] for run in runs]
+            if all(math.isnan(v) for s in per_seed for v in s):
                 continue
-            epochs = [r["epoch"] for r in runs[0]["history"]]
-            stats = [_mean_std([s[i] for s in series]) for i in range(len(epochs))]
-            mean = [m for m, _ in stats]
-            std = [s for _, s in stats]
-            ax.plot(epochs, mean, label=f"{rule} (trained on {results['rules'][rule]['training_loss']})")
-            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
-            drew = True
-        plt.close(fig) if not drew else None
-        if not drew:
+            series[f"{rule} (trained on {results['rules'][rule]['training_loss']})"] = per_seed
+            epochs = [r["epoch"] + 1 for r in runs[0]["history"]]  # history epochs count from 0
+        if not series:
             continue
-        ax.set_xlabel("epoch")
         label = key.replace("_", " ") + (f" of the {results['sharpness_loss']}" if key == "top_eigenvalue" else "")
-        ax.set_ylabel(label)
-        ax.set_title(f"{results['dataset']['name']}: {label} (mean ± std over seeds)", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out, fname)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        path = plot_curves(os.path.join(out, fname), f"{results['dataset']['name']}: {label}", label, series, x=epochs)
+        if path:
+            written.append(path)
     return written
 
 

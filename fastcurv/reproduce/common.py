@@ -182,28 +182,79 @@ def _pyplot():
 
 
 def plot_curves(path: str, title: str, ylabel: str, series: dict[str, list[list[float]]], xlabel: str = "epoch",
-                x=None) -> str | None:
-    """Mean over seeds with a +-1 std band, one line style and marker per label (so no curve hides
-    another). ``series[label]`` is a list of per-seed sequences."""
+                x=None, zoom_tail: float | None = None) -> str | None:
+    """Mean over seeds with a +-1 std band (labelled in the legend), one line style and marker per label
+    (so no curve hides another), integer epoch ticks. ``series[label]`` is a list of per-seed sequences;
+    ``x`` the epochs (default 1..N). ``zoom_tail=0.5``: the y-axis spans the last half of the epochs only,
+    so differences of half a point at the end are visible (the title says so)."""
+    import numpy as np
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    tail_values, seeds = [], 0
+    for i, (label, per_seed) in enumerate(series.items()):
+        values = np.asarray(per_seed, dtype=np.float64)
+        if values.size == 0 or np.all(np.isnan(values)):
+            continue
+        seeds = max(seeds, values.shape[0])
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
+        xs = np.arange(1, mean.size + 1) if x is None else np.asarray(x)
+        measured = np.isfinite(mean)  # e.g. an eigenvalue tracked every few epochs: join the measured ones
+        xs_m, mean_m, std_m = xs[measured], mean[measured], np.nan_to_num(std[measured])
+        ax.plot(xs_m, mean_m, linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)],
+                markevery=max(1, mean_m.size // 8), label=label)
+        ax.fill_between(xs_m, mean_m - std_m, mean_m + std_m, alpha=0.15)
+        if zoom_tail:
+            start = int(mean.size * (1 - zoom_tail))
+            tail_values += [mean[start:] - std[start:], mean[start:] + std[start:]]
+    if seeds == 0:
+        plt.close(fig)
+        return None
+    if zoom_tail and tail_values:
+        low, high = np.nanmin(np.concatenate(tail_values)), np.nanmax(np.concatenate(tail_values))
+        pad = 0.15 * max(high - low, 1e-6)
+        ax.set_ylim(low - pad, high + pad)
+        title += f" (y-axis: last {zoom_tail:.0%} of training)"
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    if seeds > 1:
+        handles.append(Patch(color="grey", alpha=0.3))
+        labels.append(f"shaded: ±1 std over {seeds} seeds")
+    ax.legend(handles, labels, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_points(path: str, title: str, ylabel: str, values: dict[str, list[float]]) -> str | None:
+    """One final quantity per label (e.g. the top Hessian eigenvalue per configuration): every seed's
+    value as a dot and the mean with a ±1 std bar."""
     import numpy as np
 
     plt = _pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (label, per_seed) in enumerate(series.items()):
-        values = np.asarray(per_seed, dtype=np.float64)
-        if values.size == 0 or np.all(np.isnan(values)):
+    for i, (label, per_seed) in enumerate(values.items()):
+        points = np.asarray(present(per_seed), dtype=np.float64)
+        if points.size == 0:
             continue
-        mean = np.nanmean(values, axis=0)
-        std = np.nanstd(values, axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
-        xs = np.arange(1, mean.size + 1) if x is None else np.asarray(x)
-        ax.plot(xs, mean, linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)],
-                markevery=max(1, mean.size // 8), label=label)
-        ax.fill_between(xs, mean - std, mean + std, alpha=0.15)
-    ax.set_xlabel(xlabel)
+        mean, std = mean_std(list(points))
+        ax.errorbar([i], [mean], yerr=[0.0 if std != std else std], fmt=MARKERS[i % len(MARKERS)], color=f"C{i}",
+                    markersize=9, capsize=6, label=f"{label}: mean ± std")
+        ax.scatter(i + np.linspace(-0.12, 0.12, points.size), points, color=f"C{i}", alpha=0.5, s=18)
+    ax.set_xticks(range(len(values)), list(values))
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + " (dots: one per seed)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
