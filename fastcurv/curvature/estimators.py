@@ -55,7 +55,7 @@ def trace(
     """Estimate ``tr(A)`` from ``num_probes`` products.
 
     ``"hutchinson"``: ``mean_j z_j^T A z_j`` over Rademacher ``z_j`` (unbiased; variance
-    ``2 (||A||_F^2 - sum_i A_ii^2) / m``). ``"hutch++"`` (Meyer, Musco, Musco, Persson 2021): ``m/3``
+    ``2 (||A||_F^2 - sum_i A_ii^2) / m``). ``"hutch++"`` (Meyer, Musco, Musco, Woodruff 2021): ``m/3``
     products sketch the top of the range, ``Q = qr(A S)``; ``tr(Q^T A Q)`` is exact on it, and Hutchinson
     with the remaining ``m/3`` probes, projected off ``Q``, estimates the rest; error ``O(1/m)`` instead of
     ``O(1/sqrt m)``. With ``num_probes >= P`` it returns the exact trace from the ``P`` unit vectors
