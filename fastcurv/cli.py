@@ -388,35 +388,23 @@ def accuracy_at_times(history: list[dict], times: list[float], key: str) -> list
 
 
 def _time_plot(results: dict, rules: list[str], task: str, out: str) -> list[str]:
-    """Test metric against training wall time, mean and band (± std) over seeds on a common time grid."""
-    try:
-        import matplotlib
+    """Test metric against training wall time, mean and labelled ± std band over seeds on a common time
+    grid (the reproductions' plot_curves: one line style and marker per rule)."""
+    from fastcurv.reproduce.common import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
     metric = "test_accuracy" if task == "classification" else "test_error"
-    budget = results["time_budget"]
-    grid = [budget * (i + 1) / 100 for i in range(100)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for rule in rules:
-        series = [accuracy_at_times(run["history"], grid, metric) for run in results["rules"][rule]["runs"]]
-        stats = [_mean_std([s[i] for s in series]) for i in range(len(grid))]
-        mean = [m for m, _ in stats]
-        std = [0.0 if math.isnan(d) else d for _, d in stats]
-        ax.plot(grid, mean, label=rule)
-        ax.fill_between(grid, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.15)
-    ax.set_xlabel("training wall time (s)")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(f"{results['dataset']['name']}: {metric.replace('_', ' ')} at equal wall time "
-                 f"({results['environment']['device']})", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out, f"{metric}_vs_time.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    # Up to the last evaluation: the partial last epoch ends after the budget, and a grid ending at the
+    # budget would leave a short run's only evaluation off the plot.
+    end = max([results["time_budget"]] + [r["wall_time"] for rule in rules for run in results["rules"][rule]["runs"]
+                                           for r in run["history"]])
+    grid = [end * (i + 1) / 100 for i in range(100)]
+    series = {rule: [accuracy_at_times(run["history"], grid, metric) for run in results["rules"][rule]["runs"]]
+              for rule in rules}
+    path = plot_curves(os.path.join(out, f"{metric}_vs_time.png"),
+                       f"{results['dataset']['name']}: {metric.replace('_', ' ')} at equal wall time "
+                       f"({results['environment']['device']})", metric.replace("_", " "), series,
+                       xlabel="training wall time (s)", x=grid)
+    return [path] if path else []
 
 
 def _plots(results: dict, rules: list[str], task: str, out: str) -> list[str]:
