@@ -254,7 +254,7 @@ def plot_points(path: str, title: str, ylabel: str, values: dict[str, list[float
         ax.scatter(i + np.linspace(-0.12, 0.12, points.size), points, color=f"C{i}", alpha=0.5, s=18)
     ax.set_xticks(range(len(values)), list(values))
     ax.set_ylabel(ylabel)
-    ax.set_title(title + " (dots: one per seed)", fontsize=10)
+    ax.set_title(title + " (dots: seeds)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -130,7 +130,7 @@ def run(session: Session, overrides: dict | None = None) -> dict:
         plot_curves(os.path.join(session.out, "gap.png"), "Geng et al. protocol on mnist5k: generalization gap",
                     "test loss - train loss", {n: curves(runs[n], "gap") for n in CONFIGS}),
         plot_points(os.path.join(session.out, "top_eigenvalue.png"),
-                    "Geng et al. protocol on mnist5k: top Hessian eigenvalue at the end", "top Hessian eigenvalue "
+                    "Geng et al. protocol on mnist5k: final top Hessian eigenvalue", "top Hessian eigenvalue "
                     "(256 train examples)", top_eig),
     ]
     if sweep:
