@@ -78,7 +78,7 @@ class PytreeBlock(nn.Module):
         self.w = nn.Parameter(torch.randn(4, 4, dtype=DT))
 
     def forward(self, x):
-        h = torch.tanh(x @ self.w)
+        h = torch.tanh(torch.einsum("btd,de->bte", x, self.w))  # einsum: no fast rule intercepts it
         return {"out": (h, h.sum(-1)), "count": torch.tensor(3), "seq_first": h.transpose(0, 1)}
 
 
@@ -232,3 +232,30 @@ def test_fisher_logdet_on_a_forward_that_casts():
         got = fisher_logdet(model, x, y, subset_size=4, trials=2)
     plain = nn.Sequential(model.a, nn.Tanh(), model.fc)  # the same function without the cast: G in float64
     torch.testing.assert_close(got, fisher_logdet(plain, x, y, subset_size=4, trials=2), rtol=1e-4, atol=1e-4)
+
+
+class DPAttentionHead(nn.Module):
+    """Opacus' DPMultiheadAttention with add_bias_kv: its SequenceBias modules (generic rule) run on the
+    sequence-first [T, B, E] tensors inside a batch-first model."""
+
+    def __init__(self):
+        super().__init__()
+        layers = pytest.importorskip("opacus.layers")
+        self.inp = nn.Linear(4, 4)
+        self.att = layers.DPMultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.fc(self.att(h, h, h)[0].mean(1))
+
+
+def test_opacus_multihead_attention_with_bias_kv_is_a_clean_error():
+    """Its SequenceBias modules run on sequence-first [T, B, E] tensors inside a batch-first model: refused
+    naming the module (was: a raw 'size of tensor a (3) must match the size of tensor b (6)')."""
+    torch.manual_seed(0)
+    model = DPAttentionHead().to(DT).eval()
+    x, _ = _inputs("lstm")
+    with pytest.raises(RuntimeError, match=r"module 'att.seq_bias_k' \(SequenceBias\) got input \(3, 5, 4\)"):
+        with fastcurv.capture(model):
+            model(x)
