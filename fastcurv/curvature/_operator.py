@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 __all__ = ["CurvatureOperator", "as_operator", "resolve_params", "BatchSource", "check_fixed_function",
-           "ParameterSnapshot", "refuse_wrappers"]
+           "ParameterSnapshot", "refuse_wrappers", "scalar_loss", "backward_columns"]
 
 
 class CurvatureOperator:
@@ -307,6 +307,45 @@ class BatchSource:
             yield _to(x, self.device), _to(y, self.device), n
         if total == 0:
             raise ValueError(f"{self.what}: data holds no examples")
+
+
+def scalar_loss(loss_fn, output, y, what: str) -> torch.Tensor:
+    """``loss_fn(output, y)`` as a 0-d tensor; a clear error when it is not the scalar loss of a batch."""
+    loss = loss_fn(output, y)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{what}: loss_fn must return the scalar loss of a batch, got {shape}")
+    return loss.reshape(())
+
+
+def backward_columns(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], columns: Sequence[torch.Tensor],
+                     keep_graph: bool) -> list[torch.Tensor | None]:
+    """``sum_o (d outputs[o] / d inputs)^T columns[o][k]`` for every ``k``: one ``[K, *input.shape]`` block per
+    input (None where no output depends on it), ``columns[o]`` of shape ``[K, *outputs[o].shape]``.
+
+    On the CPU, K plain backwards through the graph beat one ``is_grads_batched`` backward, whose vmap costs
+    ~25% more per column (gradient-equivalents per vector at K = 8, quiet 2-core CPU, torch 2.13: MLP 1.42 vs
+    1.78, CNN 2.10 vs 2.73); on accelerators the batched backward is one launch. ``keep_graph``: the graph
+    survives the last column (for a cached graph)."""
+    K = columns[0].shape[0]
+    device = outputs[0].device
+    steps = range(K) if K == 1 or device.type == "cpu" else [None]
+    out = []
+    with torch.enable_grad():
+        for j in steps:
+            last = j is None or j == K - 1
+            products = torch.autograd.grad(
+                list(outputs),
+                list(inputs),
+                grad_outputs=[c if j is None else c[j] for c in columns],
+                is_grads_batched=j is None,
+                allow_unused=True,
+                retain_graph=keep_graph or not last,
+            )
+            out.append(products if j is None else [p if p is None else p[None] for p in products])
+    if len(out) == 1:
+        return list(out[0])
+    return [None if parts[0] is None else torch.cat(parts) for parts in zip(*out)]
 
 
 def split_columns(V: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -10,9 +10,11 @@ from fastcurv.curvature._operator import (
     BatchSource,
     CurvatureOperator,
     ParameterSnapshot,
+    backward_columns,
     check_fixed_function,
     join_columns,
     resolve_params,
+    scalar_loss,
     split_columns,
 )
 
@@ -89,11 +91,7 @@ class Hessian(CurvatureOperator):
 
     # -------------------------------------------------------------------------------------------
     def _batch_loss(self, output, y) -> torch.Tensor:
-        loss = self.loss_fn(output, y)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"Hessian: loss_fn must return the scalar loss of a batch, got {shape}")
-        return loss.reshape(())
+        return scalar_loss(self.loss_fn, output, y, "Hessian")
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self._graphs and not self._graphs_snapshot.matches(self.params):
@@ -133,28 +131,7 @@ class Hessian(CurvatureOperator):
         grads, live = self._gradient_graph(index, x, y)
         if not live:
             return [None] * len(self.params)
-        K = blocks[0].shape[0]
-        # On the CPU, K plain backwards through the kept graph beat one is_grads_batched backward, whose
-        # vmap costs ~25% more per column (the backward calls alone, in gradient-equivalents per vector
-        # at K = 8, quiet 2-core CPU, torch 2.13: MLP 1.42 vs 1.78, CNN 2.10 vs 2.73); on accelerators
-        # the batched backward is one launch.
-        columns = range(K) if K == 1 or self.device.type == "cpu" else [None]
-        out = []
-        with torch.enable_grad():
-            for j in columns:
-                last = j is None or j == K - 1
-                products = torch.autograd.grad(
-                    [grads[i] for i in live],
-                    self.params,
-                    grad_outputs=[blocks[i] if j is None else blocks[i][j] for i in live],
-                    is_grads_batched=j is None,
-                    allow_unused=True,
-                    retain_graph=self.cache_graph or not last,
-                )
-                out.append(products if j is None else [p if p is None else p[None] for p in products])
-        if len(out) == 1:
-            return list(out[0])
-        return [None if parts[0] is None else torch.cat(parts) for parts in zip(*out)]
+        return backward_columns([grads[i] for i in live], self.params, [blocks[i] for i in live], self.cache_graph)
 
     def _forward_over_reverse(self, x, y, blocks):
         from torch.func import functional_call, grad, jvp, vmap
