@@ -81,6 +81,39 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _fix_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter (the version beside torch 2.11) turns each int kernel argument into a
+    1-element array and indexes it with ``int(array)``, which numpy 2 refuses ("only 0-dimensional arrays
+    can be converted to Python scalars"), so every ``for k in range(0, n, BLOCK)`` over a runtime ``n``
+    fails under TRITON_INTERPRET=1. Triton 3.9's interpreter squeezes first; do the same on older ones.
+    Only the interpreter's tensor patching is touched: compiled kernels on a GPU never go through it."""
+    import inspect
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - a triton without the interpreter
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_fastcurv_fixed", False):
+        return
+    try:
+        if "squeeze" in inspect.getsource(original):
+            return  # already fixed upstream
+    except (OSError, TypeError):  # pragma: no cover - no source to read
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]) if self.handle.data.size == 1
+                       else int(self.handle.data))
+
+    patched._fastcurv_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+_fix_interpreter_scalar_index()
+
+
 def dot_mode(dtype: torch.dtype) -> int:
     """The tile contraction used for inputs of `dtype` (see the module doc)."""
     if dtype == torch.float64 and not FP64_USE_DOT:
@@ -115,7 +148,11 @@ def mm_acc(x, y, acc, DOT_MODE: tl.constexpr):
     if DOT_MODE == 2:
         acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
     elif DOT_MODE == 1:
-        if x.dtype == tl.float32:
+        if x.dtype == tl.float64:
+            # out_dtype named: Triton 3.6 (torch 2.11's) defaults it to float32 and asserts that a float64
+            # accumulator matches it; Triton 3.9 infers it
+            acc = tl.dot(x, y, acc, out_dtype=tl.float64)
+        elif x.dtype == tl.float32:
             acc = tl.dot(x, y, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, y, acc)
