@@ -79,9 +79,16 @@ def test_t1_rows_past_int32_offsets(device, sizes, dtype):
 def test_gram_over_wide_rows(device, sizes):
     B, d_in, d_out = sizes["gram"]
     a, delta = randn((B, d_in), device, torch.bfloat16, 3), randn((B, d_out), device, torch.bfloat16, 4)
-    A, D = a.double(), delta.double()
-    want = (A @ A.T + 1) * (D @ D.T)
-    magnitude = (A.abs() @ A.abs().T + 1) * (D.abs() @ D.abs().T)
+    AA = torch.zeros(B, B, dtype=torch.float64, device=device)
+    AA_abs = torch.zeros_like(AA)
+    block = 2**22 if device.type == "cuda" else 8  # float64 column blocks of at most 2 GB (several on the CPU too)
+    for j in range(0, d_in, block):
+        A = a[:, j : j + block].double()
+        AA += A @ A.T
+        AA_abs += A.abs() @ A.abs().T
+    D = delta.double()
+    want = (AA + 1) * (D @ D.T)
+    magnitude = (AA_abs + 1) * (D.abs() @ D.abs().T)
     tol = (d_in + d_out + 3) * U
     for backend in backends(device):
         got = fastcurv.ops.per_example_gram(a, delta, True, backend=backend).double()
