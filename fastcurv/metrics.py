@@ -30,6 +30,9 @@ __all__ = [
     "spectral_radius",
     "top_hessian_eigenvalue",
     "SingularGramError",
+    "gradient_noise_scale",
+    "grand_scores",
+    "el2n_scores",
 ]
 
 
@@ -277,3 +280,123 @@ def top_hessian_eigenvalue(model: nn.Module, loss_fn, data, tol: float = 1e-4, m
     H = curvature.Hessian(model, loss_fn, data, params, allow_train_mode=allow_train_mode)
     values, _ = curvature.top_eigenvalues(H, k=1, tol=tol, max_iter=max_iter, which="LA", method=method, seed=seed)
     return values[0].item()
+
+
+# ------------------------------------------------------------------ per-example training statistics
+def _per_example_losses(model, loss_fn, x, y, what):
+    losses = loss_fn(model(x), y) if loss_fn is not None else _per_example_ce(model, x, _hard_labels(y, x.shape[0], what), what)
+    if not isinstance(losses, torch.Tensor) or losses.shape[:1] != (x.shape[0],):
+        raise ValueError(f"{what}: loss_fn(output, y) must return per-example losses of shape [{x.shape[0]}] "
+                         f"(reduction='none'), got {getattr(losses, 'shape', type(losses).__name__)}")
+    return losses.reshape(x.shape[0], -1).mean(1)
+
+
+def gradient_noise_scale(model: nn.Module, data, loss_fn=None) -> dict:
+    """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018, "An Empirical
+    Model of Large-Batch Training", eq. 2.8 and appendix A.1), overall and per layer.
+
+    ``data``: one ``(x, y)`` batch or an iterable of batches (each of >= 2 examples). Per batch of ``B``
+    examples, from the per-example squared norms ``|g_i|^2`` (captured activations and deltas) and the batch
+    gradient ``G_B = mean_i g_i`` (one backward): the unbiased estimators of their appendix A.1 with
+    ``B_small = 1`` and ``B_big = B``: ``|G|^2 ~ (B |G_B|^2 - mean_i |g_i|^2) / (B - 1)`` and
+    ``tr(Sigma) ~ (mean_i |g_i|^2 - |G_B|^2) / (1 - 1/B)``. Both are averaged over batches before the
+    ratio is taken (the ratio of averages, as they recommend; a ratio per batch is biased). ``loss_fn(out,
+    y)`` returns per-example losses (default: cross-entropy of the labels). In a ``torch.distributed``
+    process group, each process passes its shard of the same batches: the sums over examples and the batch
+    gradient are all-reduced, so the statistics are those of the whole batch.
+
+    Returns ``{"noise_scale", "trace_covariance", "grad_sq_norm", "batches", "by_layer": {layer: {...}}}``.
+    ``grad_sq_norm`` is unbiased, so from few small batches it can come out negative (the gradient is
+    smaller than its noise): ``noise_scale`` is then negative too, meaning "average over more batches".
+    """
+    from fastcurv.capture import capture
+    from fastcurv.curvature._operator import BatchSource
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    totals: dict[str, list[float]] = {}
+    batches = 0
+    for x, y, n in BatchSource(data, device, "gradient_noise_scale"):
+        _check_inputs(model, x, "gradient_noise_scale")
+        with torch.enable_grad(), capture(model) as cap:
+            losses = _per_example_losses(model, loss_fn, x, y, "gradient_noise_scale")
+            by_layer = cap.per_example_sqnorms_by_layer(losses)
+            _check_all_captured(cap, model, "gradient_noise_scale")
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        index = {id(p): i for i, p in enumerate(params)}
+        groups = {layer.name: [index[id(p)] for _, p in layer.params] for layer in cap.layers}
+        # One all-reduce per batch: [count, sum_i |g_i|^2 per layer..., gradient sums...].
+        names = list(by_layer)
+        flat = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=device),
+                          torch.stack([by_layer[k].detach().double().sum() for k in names]),
+                          *[(g if g is not None else torch.zeros_like(p)).detach().double().reshape(-1)
+                            for g, p in zip(grads, params)]])
+        if distributed:
+            torch.distributed.all_reduce(flat)
+        B = flat[0].item()
+        if B < 2:
+            raise ValueError(f"gradient_noise_scale: every batch needs >= 2 examples (got {int(B)}): the "
+                             "estimators contrast per-example and batch gradients")
+        sq_means = dict(zip(names, (flat[1:1 + len(names)] / B).tolist()))
+        offsets, start = [], 1 + len(names)
+        for p in params:
+            offsets.append((start, start + p.numel()))
+            start += p.numel()
+        batch_sq = {}
+        for name in names:
+            ids = groups.get(name, [])
+            batch_sq[name] = sum(((flat[a:b] / B) ** 2).sum().item() for a, b in (offsets[i] for i in ids))
+        # Cross terms of shared parameters ("shared:<param>") belong to the overall statistics only.
+        overall_small = sum(sq_means.values())
+        overall_big = sum(((flat[a:b] / B) ** 2).sum().item() for a, b in offsets)
+        entries = {"": (overall_small, overall_big), **{k: (sq_means[k], batch_sq[k]) for k in names if k in groups}}
+        for key, (small, big) in entries.items():
+            grad_sq = (B * big - small) / (B - 1)
+            trace_cov = (small - big) / (1 - 1 / B)
+            acc = totals.setdefault(key, [0.0, 0.0])
+            acc[0] += grad_sq
+            acc[1] += trace_cov
+        batches += 1
+
+    def summary(key):
+        grad_sq, trace_cov = totals[key][0] / batches, totals[key][1] / batches
+        return {"noise_scale": trace_cov / grad_sq if grad_sq != 0 else float("inf"),
+                "trace_covariance": trace_cov, "grad_sq_norm": grad_sq}
+
+    result = summary("")
+    result["batches"] = batches
+    result["by_layer"] = {k: summary(k) for k in totals if k}
+    return result
+
+
+def grand_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None, batch_size: int | None = None) -> torch.Tensor:
+    """GraNd scores (Paul, Ganguli & Dziugaite 2021, "Deep Learning on a Data Diet"): ``||grad_theta l_i||``
+    per example ``[N]``, from captured per-example squared norms (no per-example gradients). The paper
+    averages them over several early-training initializations; call this once per model and average.
+    ``loss_fn(out, y)``: per-example losses (default: cross-entropy of the labels)."""
+    from fastcurv.capture import capture
+
+    n = _check_inputs(model, x, "grand_scores")
+    step = n if batch_size is None else batch_size
+    if step < 1:
+        raise ValueError(f"grand_scores: batch_size must be >= 1, got {batch_size!r}")
+    scores = []
+    for start in range(0, n, step):
+        with torch.enable_grad(), capture(model) as cap:
+            losses = _per_example_losses(model, loss_fn, x[start:start + step], y[start:start + step], "grand_scores")
+            scores.append(cap.per_example_sqnorms(losses).detach().clamp_min(0).sqrt())
+        _check_all_captured(cap, model, "grand_scores")
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def el2n_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """EL2N scores (Paul et al. 2021): ``||softmax(f(x_i)) - onehot(y_i)||_2`` per example ``[N]``, from the
+    logits alone (labels as in :func:`fisher_logdet`)."""
+    n = _check_inputs(model, x, "el2n_scores")
+    labels = _hard_labels(y, n, "el2n_scores")
+    logits = model(x)
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(f"el2n_scores: the model must return logits of shape [N, C] = [{n}, C], got {tuple(logits.shape)}")
+    return (logits.softmax(1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)).norm(dim=1)
