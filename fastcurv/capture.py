@@ -49,6 +49,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from torch.autograd.graph import get_gradient_edge
 
 from fastcurv.layers import FunctionalLayer, GenericLayer, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, describe, rows
@@ -365,12 +366,12 @@ class Capture:
         gate = stats_gate_closed() if self.batchnorm == "frozen_stats" else contextlib.nullcontext()
         found: dict[int, torch.Tensor] = {}
         with gate, _explain_second_backward(), torch.enable_grad():
-            probes = self._broadcast_probes(losses, [r for _, r in shared if r.output.requires_grad])
-            live = [r for _, r in batched if r.output.requires_grad] + [r for r, _ in probes]
+            probes = self._broadcast_probes(losses, [r for _, r in shared if r.edge is not None])
+            live = [r for _, r in batched if r.edge is not None] + [r for r, _ in probes]
             if live:
                 try:
                     grads = torch.autograd.grad(
-                        losses.sum(), [r.output for r in live], create_graph=create_graph, retain_graph=True,
+                        losses.sum(), [r.edge for r in live], create_graph=create_graph, retain_graph=True,
                         allow_unused=True,
                     )
                 finally:
@@ -409,7 +410,7 @@ class Capture:
                 r.shared = True  # its output is shared by the examples: per-example deltas below
                 shared.append((layer, r))
             if shared:
-                self._say_shared([(layer, r) for layer, r in shared if r.output.requires_grad])
+                self._say_shared([(layer, r) for layer, r in shared if r.edge is not None])
                 found.update(self._per_example_deltas(losses, [r for _, r in shared], create_graph))
         if not found:
             raise RuntimeError(
@@ -471,7 +472,7 @@ class Capture:
             raise ValueError(f"fastcurv.capture: losses are on {losses.device} but the captured outputs on {device}")
         for layer in self.layers:
             layer.check_unchanged()
-        if not losses.requires_grad or not any(r.output.requires_grad for l in self.layers for r in l.records):
+        if not losses.requires_grad or not any(r.edge is not None for l in self.layers for r in l.records):
             raise RuntimeError(
                 "fastcurv.capture: losses are not connected to the captured outputs (no autograd graph: was the "
                 "forward run under torch.no_grad(), or are the losses detached?)"
@@ -515,7 +516,7 @@ class Capture:
         B = losses.shape[0]
         exponents = (torch.arange(B) % 8 - 4)[torch.randperm(B, generator=gen)]
         w = torch.pow(2.0, exponents.to(torch.float64)).to(losses.device, losses.dtype)
-        weighted = torch.autograd.grad((losses.detach().new_zeros(()) + (w * losses).sum()), [r.output for r in suspects],
+        weighted = torch.autograd.grad((losses.detach().new_zeros(()) + (w * losses).sum()), [r.edge for r in suspects],
                                        retain_graph=True, allow_unused=True)
         bad = []
         for r, v in zip(suspects, weighted):
@@ -535,7 +536,7 @@ class Capture:
         add node gives it during the ordinary backward, with no batched backward."""
         if not records:
             return []
-        targets = {r.output.grad_fn: r for r in records if r.output.grad_fn is not None}
+        targets = {r.edge.node: r for r in records}
         consumers: dict = {}
         for node, fn in _graph_edges(losses):
             if fn in targets:
@@ -564,7 +565,7 @@ class Capture:
         B = losses.shape[0]
         eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
         grads = torch.autograd.grad(
-            losses, [r.output for r in records], grad_outputs=eye, is_grads_batched=True,
+            losses, [r.edge for r in records], grad_outputs=eye, is_grads_batched=True,
             create_graph=create_graph, retain_graph=True, allow_unused=True,
         )
         return {id(r): g for r, g in zip(records, grads) if g is not None}
@@ -586,7 +587,7 @@ class Capture:
             nodes = inside.setdefault(id(layer), set())
             for r in layer.records:  # one walk per record: a functional site's nodes lie inside its module's call
                 stop = {t.grad_fn for t in _tensors(r.args, r.kwargs, r.input) if t.grad_fn is not None}
-                todo, seen = [r.output.grad_fn], set()
+                todo, seen = [r.edge.node if r.edge is not None else None], set()
                 while todo:
                     node = todo.pop()
                     if node is None or node in seen or node in stop:
@@ -865,6 +866,11 @@ class _RecordHook:
             rec, shared = self.layer.records[-1], False
             rec.rows_per_example = shared_rows = self.cap._rows_of(self.layer, rec)
             rec.input = rec.input.reshape(rec.input.shape[0] // shared_rows, shared_rows, *rec.input.shape[1:])
+        recorded = self.layer.records[-1]
+        # the autograd edge of the output as the module produced it: an in-place op after the module
+        # (nn.ReLU(inplace=True), `out += identity`) gives the tensor a new grad_fn, but the gradient
+        # into this edge stays dl/d(the module's output). No copy of the activation is made.
+        recorded.edge = get_gradient_edge(recorded.output) if recorded.output.requires_grad else None
         if shared:
             self.layer.records[-1].shared = True
         return replacement

@@ -11,6 +11,7 @@ from torch.func import functional_call, grad, vmap
 
 import fastcurv
 from fastcurv.capture import Capture, CapturedLayer, capture
+from zoo import check_against_loop
 
 pytestmark = pytest.mark.filterwarnings("ignore:fastcurv._C is not available")
 
@@ -362,11 +363,53 @@ def test_batchnorm_with_batch_statistics_refused(mode):
             model(torch.randn(B, 2))
 
 
-def test_inplace_modification_refused():
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+class _InplaceAfterLayers(nn.Module):
+    """torchvision's pattern: an in-place activation and ``out += identity`` on captured outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.relu_(self.a(x))  # modifies a's output in place
+        out = self.b(self.norm(h))
+        out += h  # modifies b's output in place
+        return torch.tanh_(out)
+
+
+def test_inplace_ops_after_a_layer_are_exact(float64_default):
+    model = _InplaceAfterLayers()
+    x = torch.randn(B, 3)
+    check_against_loop(model, lambda m: m(x), lambda out: out.square().sum(1))
+
+
+def test_inplace_ops_make_no_copy_of_the_activation():
+    model = _InplaceAfterLayers()
+    seen = {}
+    model.a.register_forward_hook(lambda m, args, out: seen.setdefault("a", out))
     with capture(model) as cap:
-        out = model(torch.randn(B, 3))
-    with pytest.raises(RuntimeError, match=r"output of module '0' \(Linear\) was modified in place"):
+        model(torch.randn(B, 3))
+    recorded = cap.layers[0].records[0].output
+    assert recorded is seen["a"] and recorded._version > 0  # the model's own (mutated) tensor, not a copy
+
+
+def test_input_modified_in_place_is_refused():
+    lin = nn.Linear(3, 2)
+    x = torch.randn(B, 3)
+    with capture(lin) as cap:
+        out = lin(x)
+    x.mul_(2)  # the Linear rule needs its input's values
+    with pytest.raises(RuntimeError, match=r"input of the root module \(Linear\) was modified in place"):
+        cap.per_example_sqnorms(out.sum(1))
+
+
+def test_generic_rule_output_modified_in_place_is_refused():
+    model = nn.Sequential(nn.PReLU(), nn.Linear(3, 2))
+    with capture(model) as cap:
+        h = model[0](torch.randn(B, 3))
+        h.mul_(2)  # the generic rule compares its re-run with the recorded output
+        out = model[1](h)
+    with pytest.raises(RuntimeError, match=r"output of module '0' \(PReLU\) was modified in place"):
         cap.per_example_sqnorms(out.sum(1))
 
 

@@ -49,6 +49,9 @@ class Record:
     versions: tuple = ()
     layout_checked: bool = False  # the capture's random-weighted check of an ambiguous layout ran
     rows_per_example: int = 1  # > 1: the call got [B*T, ...] rows; ``input`` and the deltas are regrouped [B, T, ...]
+    # autograd edge of ``output`` when recorded (set by the capture): deltas are taken there, so an
+    # in-place op on the output after the module ran does not change them
+    edge: Any = None
 
 
 Deltas = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -78,6 +81,10 @@ class CapturedLayer:
     min_batched_ndim: int = 1
     #: True when the rule acts on each row of its input alone, so [B*T, ...] rows can be regrouped [B, T, ...]
     regroups_rows: bool = False
+    #: True when the rule reads the recorded output's values (the generic rule compares its re-run with
+    #: them): an output modified in place after the module ran is then refused. Rules reading only the
+    #: input and the delta (taken at the output's autograd edge) accept it.
+    reads_output_values: bool = False
 
     def __init__(self, name: str, module: nn.Module, params: list):
         self.name = name
@@ -161,12 +168,13 @@ class CapturedLayer:
 
     def check_unchanged(self) -> None:
         for r in self.records:
-            if _versions(r.input, r.output) != r.versions:
-                which = "output" if r.output._version != r.versions[1] else "input"
+            inp_version, out_version = _versions(r.input, r.output)
+            if inp_version != r.versions[0] or (self.reads_output_values and out_version != r.versions[1]):
+                which = "input" if inp_version != r.versions[0] else "output"
                 raise RuntimeError(
                     f"fastcurv.capture: the {which} of {describe(self.name, self.module)} was modified in place after "
-                    "the module ran (e.g. nn.ReLU(inplace=True) or `x += ...`); the recorded values are no longer "
-                    "the layer's. Use out-of-place operations inside a capture."
+                    f"the module ran (e.g. `x.relu_()` or `x += ...` on its {which}); its rule needs the recorded "
+                    f"values, which are no longer the layer's. Make that operation out of place."
                 )
 
     # ------------------------------------------------------------------ argument checks

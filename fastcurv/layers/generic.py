@@ -35,6 +35,7 @@ class GenericLayer(CapturedLayer):
 
     #: why this module took the generic path (set by the capture, reported once)
     reason: str = ""
+    reads_output_values = True  # the re-run is checked against the recorded output
 
     def record(self, args, kwargs, output):
         if isinstance(output, torch.Tensor):
