@@ -49,7 +49,6 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
-from torch.autograd.graph import get_gradient_edge
 
 from fastcurv.layers import FunctionalLayer, GenericLayer, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, describe, rows
@@ -866,11 +865,6 @@ class _RecordHook:
             rec, shared = self.layer.records[-1], False
             rec.rows_per_example = shared_rows = self.cap._rows_of(self.layer, rec)
             rec.input = rec.input.reshape(rec.input.shape[0] // shared_rows, shared_rows, *rec.input.shape[1:])
-        recorded = self.layer.records[-1]
-        # the autograd edge of the output as the module produced it: an in-place op after the module
-        # (nn.ReLU(inplace=True), `out += identity`) gives the tensor a new grad_fn, but the gradient
-        # into this edge stays dl/d(the module's output). No copy of the activation is made.
-        recorded.edge = get_gradient_edge(recorded.output) if recorded.output.requires_grad else None
         if shared:
             self.layer.records[-1].shared = True
         return replacement

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 __all__ = ["CapturedLayer", "Record", "describe", "common_dtype"]
 
@@ -49,9 +50,14 @@ class Record:
     versions: tuple = ()
     layout_checked: bool = False  # the capture's random-weighted check of an ambiguous layout ran
     rows_per_example: int = 1  # > 1: the call got [B*T, ...] rows; ``input`` and the deltas are regrouped [B, T, ...]
-    # autograd edge of ``output`` when recorded (set by the capture): deltas are taken there, so an
-    # in-place op on the output after the module ran does not change them
+    # autograd edge of ``output`` when recorded (in the forward, before anything can modify it): the
+    # deltas are taken there, so an in-place op on the output after the module ran (nn.ReLU(inplace=True),
+    # `out += identity`, which give the tensor a new grad_fn) does not change them; no copy is made
     edge: Any = None
+
+    def __post_init__(self):
+        if self.edge is None and isinstance(self.output, torch.Tensor) and self.output.requires_grad:
+            self.edge = get_gradient_edge(self.output)
 
 
 Deltas = Union[torch.Tensor, Sequence[torch.Tensor]]

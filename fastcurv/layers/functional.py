@@ -277,6 +277,9 @@ class FunctionalLayer(CapturedLayer):
 
     #: why the module has no registered rule (set by the capture; reported when some parameter stays generic)
     reason: str = ""
+    # the per-example re-run is compared with the recorded output, and the graph proof starts at the sites'
+    # outputs' grad_fn: an in-place op on them after the call would mislead both, so it is refused
+    reads_output_values = True
 
     def __init__(self, name, module, params):
         super().__init__(name, module, params)
