@@ -56,7 +56,7 @@ from fastcurv.layers.embedding import EmbeddingLayer
 from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.generic import replaying
 from fastcurv.layers.reparam import ReparamLayer, check_plain_weights, parametrization_prefixes, reparametrized
-from fastcurv.layers.norm import frozen_stats_forward, stats_gate_closed, uses_batch_stats
+from fastcurv.layers.norm import frozen_batch_norm_calls, frozen_stats_forward, stats_gate_closed, uses_batch_stats
 
 __all__ = ["capture", "Capture", "CapturedLayer", "GenericRuleWarning", "SharedInputWarning", "SUPPORTED_MODULES", "BATCHNORM_MODES"]
 
@@ -767,9 +767,16 @@ class _FrozenStatsForward:
         self.original = type(module).forward
 
     def __call__(self, x):
-        if uses_batch_stats(self.module):
-            return frozen_stats_forward(self.module, x)
-        return self.original(self.module, x)
+        if not uses_batch_stats(self.module):
+            return self.original(self.module, x)
+        if self.original not in _STOCK_BATCHNORM_FORWARDS:  # its own forward (BatchNormAct2d): keep what else it does
+            with frozen_batch_norm_calls():
+                return self.original(self.module, x)
+        return frozen_stats_forward(self.module, x)
+
+
+_STOCK_BATCHNORM_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.BatchNorm1d.forward, nn.BatchNorm2d.forward,
+                             nn.BatchNorm3d.forward}
 
 
 @contextlib.contextmanager

@@ -381,3 +381,35 @@ def test_flattened_rows_of_another_layout_are_refused_with_the_fix():
     with pytest.raises(RuntimeError, match=r"module 'ln' \(LayerNorm\) got \[B\*T, \.\.\.\] rows \(20, 6\) with batch size 4 "
                        r"\(dim 0 of the input \(4, 5\) of module 'emb' \(Embedding\).*taken as the batch\).*Flatten batch-first"):
         cap.per_example_sqnorms(_losses(out, y))
+
+
+def test_batchnorm_subclass_frozen_stats_keeps_its_own_forward():
+    """batchnorm="frozen_stats" on BatchNormAct2d: its forward runs as written (the activation too), only
+    its F.batch_norm holds the batch statistics constant; against a loop over one full-batch forward with
+    the statistics detached."""
+    from torch.overrides import TorchFunctionMode
+
+    class DetachedStats(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            call = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"), args), **kwargs)
+            if func is F.batch_norm and call["training"]:
+                x, w, b, eps = call["input"], call["weight"], call["bias"], call["eps"]
+                dims, shape = [0, 2, 3], [1, -1, 1, 1]
+                mean, var = x.mean(dims, keepdim=True).detach(), x.var(dims, unbiased=False, keepdim=True).detach()
+                return (x - mean) / torch.sqrt(var + eps) * w.view(shape) + b.view(shape)
+            return func(*args, **kwargs)
+
+    torch.manual_seed(0)
+    model = conv_model(BatchNormAct2d(4))
+    x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
+    params = [p for _, p in trainable(model)]
+    with DetachedStats():
+        want_out = model(x)
+        G = loop_grads(_losses(want_out, y), params)
+    with capture(model, batchnorm="frozen_stats") as cap:
+        out = model(x)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(cap.per_example_sqnorms(_losses(out, y)), G.square().sum(1))
+    torch.testing.assert_close(cap.per_example_gram(_losses(out, y)), G @ G.T)
+    assert fast_fraction(cap) == 1.0

@@ -39,7 +39,7 @@ from fastcurv.layers.base import CapturedLayer, Record, _versions, common_dtype,
 from fastcurv.layers.embedding import EmbeddingLayer
 from fastcurv.layers.generic import GenericLayer, replaying
 from fastcurv.layers.linear import LinearLayer
-from fastcurv.layers.norm import NormLayer
+from fastcurv.layers.norm import NormLayer, uses_batch_stats
 
 __all__ = ["FunctionalLayer"]
 
@@ -397,6 +397,8 @@ class FunctionalLayer(CapturedLayer):
     # ------------------------------------------------------------------ quantities
     def _verify_per_example(self) -> None:
         rec, self._to_verify = self._to_verify, None
+        if isinstance(self.module, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(self.module):
+            return  # batch statistics: the capture's batchnorm= option already decided how examples interact
         if rec is not None and self._units:
             with torch.no_grad():
                 self._generic.replay(rec, {}, rec.input.shape[0])

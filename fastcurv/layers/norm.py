@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fastcurv.layers.base import CapturedLayer, common_dtype, describe
 from fastcurv.layers.registry import register
 
-__all__ = ["NormLayer", "uses_batch_stats", "frozen_stats_forward", "stats_gate_closed"]
+__all__ = ["NormLayer", "uses_batch_stats", "frozen_stats_forward", "frozen_batch_norm", "frozen_batch_norm_calls", "stats_gate_closed"]
 
 _RMSNORM = getattr(nn, "RMSNorm", None)  # torch >= 2.4
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -129,21 +130,53 @@ def frozen_stats_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     computed with the gate closed, treat mean and variance as constants."""
     if x.ndim < 2:
         raise ValueError(f"BatchNorm: expected [B, C, *], got {tuple(x.shape)}")
+    m = module
+    track = m.training and m.track_running_stats and m.running_mean is not None
+    momentum = 0.0
+    if track:
+        with torch.no_grad():
+            m.num_batches_tracked.add_(1)
+        momentum = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
+    return frozen_batch_norm(x, m.running_mean if track else None, m.running_var if track else None,
+                             m.weight, m.bias, momentum, m.eps)
+
+
+def frozen_batch_norm(x, running_mean, running_var, weight, bias, momentum: float, eps: float) -> torch.Tensor:
+    """``F.batch_norm(..., training=True)`` with the batch statistics behind the gate (running statistics,
+    when given, updated with ``momentum`` as F.batch_norm does)."""
     dims = [0] + list(range(2, x.ndim))
     n = x.numel() // x.shape[1]
     mean = x.mean(dims)
     var = x.var(dims, unbiased=False)
-    m = module
-    if m.training and m.track_running_stats and m.running_mean is not None:
+    if running_mean is not None and running_var is not None:
         with torch.no_grad():
-            m.num_batches_tracked.add_(1)
-            momentum = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
-            m.running_mean.lerp_(mean.detach().to(m.running_mean.dtype), momentum)
+            running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
             unbiased = var.detach() * (n / max(n - 1, 1))
-            m.running_var.lerp_(unbiased.to(m.running_var.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     mean, var = _StatsGate.apply(mean, var)
     shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
-    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
-    if m.weight is not None:
-        y = y * m.weight.view(shape) + m.bias.view(shape)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
     return y
+
+
+class frozen_batch_norm_calls(TorchFunctionMode):
+    """batchnorm="frozen_stats" for a BatchNorm subclass with its own forward (timm's BatchNormAct2d:
+    F.batch_norm, then an activation): its forward runs as written, with each batch-statistics
+    F.batch_norm call replaced by :func:`frozen_batch_norm`."""
+
+    _ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            call = dict(zip(self._ARGS, args), **kwargs)
+            if call.get("training", False):
+                momentum = call.get("momentum", 0.1)
+                return frozen_batch_norm(call["input"], call.get("running_mean"), call.get("running_var"),
+                                         call.get("weight"), call.get("bias"), 0.0 if momentum is None else momentum,
+                                         call.get("eps", 1e-5))
+        return func(*args, **kwargs)
