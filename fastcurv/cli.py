@@ -191,6 +191,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--data-dir", default=None)
     sh.add_argument("--logdet-subset", type=int, default=64, help="subset size N' of the log-det metric (default 64)")
     sh.add_argument("--logdet-trials", type=int, default=10, help="random subsets averaged (default 10)")
+    sh.add_argument("--density", default=None, metavar="PNG",
+                    help="also write the Hessian's spectral density (SLQ, log scale) to this image file")
 
     from fastcurv.reproduce.cli import add_parser as add_reproduce_parser
 
@@ -483,7 +485,6 @@ def _check_checkpoint_flag(args) -> None:
 def _cmd_sharpness(args) -> int:
     from fastcurv.data import load
     from fastcurv.train import load_checkpoint, per_example_loss
-    from fastcurv.train.loop import top_hessian_eigenvalue
 
     for flag, value in (("--samples", args.samples), ("--logdet-subset", args.logdet_subset),
                         ("--logdet-trials", args.logdet_trials)):
@@ -503,8 +504,19 @@ def _cmd_sharpness(args) -> int:
     loss_fn = per_example_loss(loss_name)
     lines = [f"checkpoint {args.checkpoint}: dataset {spec['dataset']}, rule {state['config']['rule']['rule']}, "
              f"epoch {state['epoch']}, loss {loss_name}, {x.shape[0]} training examples"]
-    lines.append(f"{'top Hessian eigenvalue':<40}{top_hessian_eigenvalue(model, x, y, loss_fn, tol=1e-4):.6g}")
+    from fastcurv.curvature import Hessian, spectral_density, top_eigenvalues
+
+    hessian = Hessian(model, lambda out, target: loss_fn(out, target).mean(), (x, y))
+    values, _, info = top_eigenvalues(hessian, k=1, which="LA", tol=1e-4, return_info=True, progress=False)
+    top = values[0].item()
+    # residuals[0] * max |Ritz value| bounds the eigenvalue's error (fastcurv.curvature.EigenInfo)
+    lines.append(f"{'top Hessian eigenvalue':<40}{top:.6g} ± {info.residuals[0] * abs(top):.2g} (residual bound)")
     lines.extend(_metrics_lines(model, x, y, loss_fn, data.task, args.logdet_subset, args.logdet_trials))
+    if args.density:
+        density = spectral_density(hessian, num_probes=8, lanczos_steps=64, progress=False)
+        density.plot(args.density, title=f"Hessian spectral density, {os.path.basename(args.checkpoint)} "
+                                         f"({x.shape[0]} examples, 8 probes)")
+        lines.append(f"{'Hessian spectral density (SLQ)':<40}written to {args.density}")
     print("\n".join(lines))
     return 0
 
@@ -527,7 +539,8 @@ def _metrics_lines(model, x, y, loss_fn, task, logdet_subset: int, logdet_trials
             return f"undefined: {err}"
 
     rows = [("Hessian trace (Hutchinson, 64 probes)",
-             lambda: f"{trace(Hessian(model, mean_loss, (x, y)), num_probes=64, progress=False):.6g}")]
+             lambda: "{:.6g} ± {:.2g} (standard error over probes)".format(
+                 *trace(Hessian(model, mean_loss, (x, y)), num_probes=64, progress=False, return_stderr=True)))]
     if task == "classification":
         # Both are defined with the cross-entropy of the labels (Jia & Su 2020, Geng et al.; docs/METHODS.md sections 1-2), whatever the training loss.
         rows.append(("Fisher trace (cross-entropy)", lambda: f"{metrics.fisher_trace(model, x, y):.6g}"))

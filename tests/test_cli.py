@@ -203,6 +203,10 @@ def test_train_resume_and_sharpness(tmp_path, capsys):
     assert "top Hessian eigenvalue" in out and "rule l2" in out and "epoch 3" in out
     for label in ("Hessian trace", "Fisher trace", "log-det metric", "robustness"):
         assert label in out
+    assert "± " in out and "(residual bound)" in out and "(standard error over probes)" in out
+    plot = tmp_path / "density.png"
+    assert main(["sharpness", ckpt, "--samples", "12", "--density", str(plot)]) == 0
+    assert "spectral density" in capsys.readouterr().out and plot.stat().st_size > 1000
 
 
 def test_sharpness_of_foreign_file(tmp_path, capsys):
