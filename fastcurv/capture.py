@@ -26,7 +26,10 @@ which rule serves which module, the deltas, and the checks that keep the numbers
 * BatchNorm normalizing with batch statistics makes examples interact: refused by default;
   ``batchnorm="frozen_stats"`` gives per-example gradients with the batch statistics held constant,
   ``batchnorm="exact"`` the true per-example gradients including the coupling (B backward passes).
-* Refused with a clear error: outputs or inputs modified in place after the layer ran, a
+* In-place ops after a layer (``nn.ReLU(inplace=True)``, ``out += identity``: torchvision CNNs as built)
+  are exact: each delta is taken at the output's autograd edge recorded in the forward, no copy made.
+* Refused with a clear error: an input modified in place after the layer ran (or the output of a
+  generic/functional-rule module, whose re-run reads it), a
   trainable module that was never called, losses that reach captured parameters through a path that
   bypasses the recorded outputs (a parameter used outside its module, or part of the loss from a
   forward outside the capture).
