@@ -7,7 +7,9 @@ spreads it over all of them. Same models, batches and contenders as ``test_bench
 
 Groups: ``rules-mlp`` (every learning rule vs sgd), ``subbatch-{mlp,cnn,resnet18}`` (R_alpha, M = 8, vs an
 sgd step; ResNet-18 with train-mode BatchNorm), ``regstep-{mlp,cnn,resnet18}`` (the curvature-regularized
-step, SAM and GNP vs a plain step).
+step, SAM and GNP vs a plain step), ``flat-{mlp,cnn,resnet18}`` (issue 18: full training steps, optimizer
+included, of sgd, sam, gnp, looksam, curvature exact, ``subsample=B/8`` and ``every=4``, all as rules of
+``fastcurv.train``; looksam and every=4 are averaged over their cycle because the rounds run them in turn).
 """
 from __future__ import annotations
 
@@ -24,7 +26,17 @@ from test_bench_steps import REGSTEP, rule_step, rules_case, step_case, subbatch
 
 from fastcurv.train import RULES  # noqa: E402
 
-GROUPS = ["rules-mlp"] + [f"{kind}-{case}" for kind in ("subbatch", "regstep") for case in ("mlp", "cnn", "resnet18")]
+GROUPS = ["rules-mlp"] + [f"{kind}-{case}" for kind in ("subbatch", "regstep", "flat") for case in ("mlp", "cnn", "resnet18")]
+
+
+def flat_contenders(model, x, y) -> dict:
+    """Issue 18's step costs: each contender is one training step of a rule (own optimizer, one model)."""
+    b = max(x.shape[0] // 8, 1)
+    specs = {"sgd": ("sgd", {}), "sam": ("sam", {}), "gnp": ("gnp", {}), "looksam (k=5)": ("looksam", {}),
+             "curvature exact": ("curvature", {"alpha": 1e-3}),
+             f"curvature subsample={b} (B/8)": ("curvature", {"alpha": 1e-3, "subsample": b}),
+             "curvature every=4": ("curvature", {"alpha": 1e-3, "every": 4})}
+    return {name: rule_step(rule, model, x, y, **options) for name, (rule, options) in specs.items()}
 
 
 def contenders(group: str) -> dict:
@@ -35,6 +47,8 @@ def contenders(group: str) -> dict:
         return {rule: rule_step(rule, *rules_case(dev)) for rule in RULES}
     if kind == "subbatch":
         return subbatch_steps(*step_case(case, dev, train_batchnorm=True))
+    if kind == "flat":
+        return flat_contenders(*step_case(case, dev))
     model, x, y = step_case(case, dev)
     return {name: (lambda fn=REGSTEP[name](model): fn(model, x, y)) for name in ("plain_step", "fastcurv", "sam", "gnp")}
 

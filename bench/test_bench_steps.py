@@ -192,10 +192,15 @@ def subbatch_steps(model, x, y) -> dict:
         reg.backward(x, y)
         opt.step()
 
-    return {"sgd_step": sgd_step, "subbatch_step": subbatch_step}
+    def subbatch_loss_term_step():  # the loss-term form: the user's own forward and backward of the data loss
+        opt.zero_grad(set_to_none=True)
+        (F.cross_entropy(model(x), y) + reg(x, y)).backward()
+        opt.step()
+
+    return {"sgd_step": sgd_step, "subbatch_step": subbatch_step, "subbatch_loss_term_step": subbatch_loss_term_step}
 
 
-@pytest.mark.parametrize("contender", ["sgd_step", "subbatch_step"])
+@pytest.mark.parametrize("contender", ["sgd_step", "subbatch_step", "subbatch_loss_term_step"])
 @pytest.mark.parametrize("case", ["mlp", "cnn", "resnet18"])
 def test_subbatch_step(benchmark, record, dev, case, contender):
     # ResNet-18 trains with BatchNorm in train mode, as in the paper (sub-batch statistics for R_alpha)
@@ -222,11 +227,11 @@ def rules_case(dev):
     return model.to(dev), x.to(dev), y.to(dev)
 
 
-def rule_step(rule, model, x, y):
+def rule_step(rule, model, x, y, **hyper):
     """One training step of ``rule`` on ``(x, y)`` (fisher trains on the hinge loss, as its paper does);
     also used by ``bench/interleaved.py``."""
     loss = "hinge" if rule == "fisher" else "cross_entropy"
-    bound = make_rule(rule).bind(model, per_example_loss(loss), epochs=10)
+    bound = make_rule(rule, **hyper).bind(model, per_example_loss(loss), epochs=10)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     return lambda: bound.step(x, y, opt, epoch=0)
 

@@ -229,15 +229,14 @@ class Curvature:
         return self.stored_term()
 
     def stored_term(self) -> torch.Tensor:
-        """``value + sum_p <p - p.detach(), g_p>`` from the last computation: value = the stored penalty,
-        gradient = the stored penalty gradient ``g`` (what ``every=k`` adds on the calls between)."""
+        """A scalar with the stored penalty's value whose gradient with respect to each parameter is the
+        stored penalty gradient ``g`` (what ``every=k`` adds on the calls between): the value of
+        ``stored + sum_p <p - p.detach(), g_p>``, written as one autograd node that hands ``g`` back (one
+        pass over the parameters instead of the five of the elementwise form)."""
         if self._stored is None:
             raise RuntimeError("Curvature: no stored penalty gradient yet (every=k computes on the first call)")
         value, pairs = self._stored
-        term = value.clone()
-        for p, g in pairs:
-            term = term + ((p - p.detach()) * g).sum()
-        return term
+        return gradient_term(value, [g for _, g in pairs], [p for p, _ in pairs])
 
     def estimator_state(self) -> dict:
         """What ``every=k`` carries from step to step (call count, stored value and gradient), for a
@@ -262,6 +261,26 @@ class Curvature:
     def reset(self) -> None:
         """Forget the stored gradient and the call count: the next call computes."""
         self._calls, self._stored = 0, None
+
+
+class _StoredGradient(torch.autograd.Function):
+    """``forward(value, grads, *params) = value``; ``backward`` returns ``grad_out * grads[i]`` for
+    ``params[i]``: a term whose gradient is a stored one."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *params):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (None, None, *(grad_out * g for g in ctx.grads))
+
+
+def gradient_term(value: torch.Tensor, grads: list, params: list) -> torch.Tensor:
+    """A loss term with value ``value`` and gradient ``grads[i]`` with respect to ``params[i]`` (the
+    linear surrogate ``value + sum_i <params[i] - params[i].detach(), grads[i]>`` as one autograd node)."""
+    return _StoredGradient.apply(value, list(grads), *params)
 
 
 def _per_example_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

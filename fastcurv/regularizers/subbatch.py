@@ -592,9 +592,11 @@ class SubBatchGradNorm(Regularizer):
         _, clean, shifted, r_alpha = self._finite_difference(
             x, y, lambda layout: torch.full((m,), 1.0 / m, dtype=torch.float64), update_running_stats=False
         )
-        # linear surrogate: value beta R_alpha, gradient beta (1/M) sum_k [g_k - grad L(B_k, w - alpha g_k)]
-        slope = sum(((p - p.detach()) * (gc - gs / m)).sum() for (_, p), gc, gs in zip(self.params, clean, shifted))
-        return self.beta * (r_alpha + slope)
+        # value beta R_alpha, gradient beta (1/M) sum_k [g_k - grad L(B_k, w - alpha g_k)], as one node
+        from fastcurv.regularizers.curvature import gradient_term
+
+        grads = [gc.add_(gs, alpha=-1.0 / m).mul_(self.beta) for gc, gs in zip(clean, shifted)]  # ours: in place
+        return gradient_term(self.beta * torch.as_tensor(r_alpha), grads, [p for _, p in self.params])
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Accumulate ``grad [L(B, w) + beta R_alpha(w)]`` into ``.grad``; return ``L(B, w)`` (detached)."""

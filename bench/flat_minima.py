@@ -1,0 +1,151 @@
+"""Equal-wall-time accuracy of the flat-minima rules (issue 18): every rule and seed trains for the same
+seconds of training steps (``fit(time_budget=)``, evaluation excluded) on
+
+* ``geng``: Geng et al.'s protocol as ``fastcurv reproduce geng`` runs it (mnist5k, FC 3x512 ReLU, SGD
+  momentum 0.9, lr 0.05, B=256), and
+* ``cnn``: a small CNN on mnist5k (conv 16 - pool - conv 32 - pool - linear, ReLU, B=128, same optimizer);
+
+then the test accuracy of each rule at several budgets (read off the same runs: the learning rate is
+constant, so the accuracy after t seconds of a longer run is the accuracy of a t-second run) with the
+paired test of ``fastcurv.reproduce.verdict`` against sgd and against sam.
+
+    OMP_NUM_THREADS=1 python bench/flat_minima.py --budget 15 --seeds 3 --out docs/flat-minima
+
+Writes ``DIR/{protocol}.json`` (histories, steps, seconds, device), ``DIR/{protocol}_accuracy_vs_time.png``
+and ``DIR/{protocol}.md`` (the tables). Every number comes from the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+from fastcurv.cli import _time_plot, accuracy_at_times
+from fastcurv.data import load
+from fastcurv.reproduce.common import environment
+from fastcurv.reproduce.geng import model_for as geng_model
+from fastcurv.reproduce.verdict import mean_std, paired_test
+from fastcurv.train import fit
+
+PROTOCOLS = {
+    "geng": dict(batch_size=256, subsample=32),
+    "cnn": dict(batch_size=128, subsample=16),
+}
+
+
+def cnn_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+
+
+def rules_for(protocol: str) -> dict[str, tuple[str, dict]]:
+    """label -> (rule, options); subsample = B/8, every = 4, the penalty's alpha the rule default."""
+    b = PROTOCOLS[protocol]["subsample"]
+    return {
+        "sgd": ("sgd", {}),
+        "sam": ("sam", {}),
+        "looksam": ("looksam", {}),
+        "gnp": ("gnp", {}),
+        "curvature": ("curvature", {}),
+        f"curvature subsample={b}": ("curvature", {"subsample": b}),
+        "curvature every=4": ("curvature", {"every": 4}),
+    }
+
+
+def run(protocol: str, budget: float, seeds: int) -> dict:
+    data = load("mnist5k")
+    batch = PROTOCOLS[protocol]["batch_size"]
+    results = {"protocol": protocol, "time_budget": budget, "environment": environment(), "batch_size": batch,
+               "dataset": {"name": f"mnist5k ({protocol})"}, "rules": {}}
+    rules = rules_for(protocol)
+    for label in rules:
+        results["rules"][label] = {"rule": rules[label][0], "options": rules[label][1], "runs": []}
+    for seed in range(seeds):
+        for label, (rule, options) in rules.items():  # rules interleaved within each seed
+            model = geng_model(512, seed) if protocol == "geng" else cnn_model(seed)
+            history = fit(model, data, rule=rule, rule_options=options, optimizer="sgd", lr=0.05, momentum=0.9,
+                          epochs=10**9, batch_size=batch, seed=seed, loss="cross_entropy", time_budget=budget,
+                          progress=False).to_list()
+            last = history[-1]
+            results["rules"][label]["runs"].append({
+                "seed": seed, "history": history, "steps_taken": last["steps"], "train_seconds": last["wall_time"],
+                "time_per_step": last["wall_time"] / max(last["steps"], 1)})
+            print(f"{protocol} seed {seed} {label:<26} acc {last['test_accuracy']:.4f} steps {last['steps']}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def tables(results: dict, checkpoints: list[float]) -> str:
+    rules = list(results["rules"])
+    env = results["environment"]
+    lines = [f"# Equal wall time: {results['dataset']['name']}", "",
+             f"Device: {env['device']}, {env['torch_threads']} torch thread(s), torch {env['torch']}; the 2-core "
+             "machine was shared with other sessions' jobs, so seconds are noisy (every rule ran each seed in "
+             f"turn). Budget {results['time_budget']:g} s of training steps per rule and seed, "
+             f"{len(results['rules']['sgd']['runs'])} seeds, batch {results['batch_size']}; accuracies at smaller "
+             "budgets are read off the same runs (constant learning rate).", "",
+             "| rule | steps in budget | ms / step | " + " | ".join(f"test acc @ {t:g} s" for t in checkpoints) + " |",
+             "|---|---|---|" + "---|" * len(checkpoints)]
+    acc = {r: [[accuracy_at_times(run["history"], [t], "test_accuracy")[0] for run in results["rules"][r]["runs"]]
+               for t in checkpoints] for r in rules}
+    for r in rules:
+        runs = results["rules"][r]["runs"]
+        steps, _ = mean_std([run["steps_taken"] for run in runs])
+        ms, _ = mean_std([1e3 * run["time_per_step"] for run in runs])
+        cells = []
+        for values in acc[r]:
+            m, s = mean_std(values)
+            cells.append(f"{m:.4f} ± {s:.4f}")
+        lines.append(f"| {r} | {steps:.0f} | {ms:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired t-test over seeds (fastcurv.reproduce.verdict.paired_test), difference in test accuracy "
+              "(rule minus baseline), p two-sided; * = significant at 0.05.", "",
+              "| rule | vs | " + " | ".join(f"@ {t:g} s" for t in checkpoints) + " |",
+              "|---|---|" + "---|" * len(checkpoints)]
+    for baseline in ("sgd", "sam"):
+        for r in rules:
+            if r == baseline:
+                continue
+            cells = []
+            for i in range(len(checkpoints)):
+                test = paired_test(acc[r][i], acc[baseline][i])
+                star = "*" if test["p_t"] == test["p_t"] and test["p_t"] < 0.05 else ""
+                cells.append(f"{test['mean_difference']:+.4f} (p {test['p_t']:.2f}){star}")
+            lines.append(f"| {r} | {baseline} | " + " | ".join(cells) + " |")
+    best = []
+    for i, t in enumerate(checkpoints):
+        means = {r: mean_std(acc[r][i])[0] for r in rules}
+        winner = max(means, key=lambda r: means[r] if means[r] == means[r] else -1)
+        best.append(f"@ {t:g} s: highest mean {winner} ({means[winner]:.4f})")
+    lines += ["", "Highest mean test accuracy per budget: " + "; ".join(best) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocols", default="geng,cnn")
+    parser.add_argument("--budget", type=float, default=15.0, help="seconds of training steps per rule and seed")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default="docs/flat-minima")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    checkpoints = [args.budget / 3, 2 * args.budget / 3, args.budget]
+    for protocol in args.protocols.split(","):
+        results = run(protocol, args.budget, args.seeds)
+        with open(os.path.join(args.out, f"{protocol}.json"), "w") as handle:
+            json.dump(results, handle, indent=1, default=float)
+        with open(os.path.join(args.out, f"{protocol}.md"), "w") as handle:
+            handle.write(tables(results, checkpoints))
+        for path in _time_plot(results, list(results["rules"]), "classification", args.out):
+            os.replace(path, os.path.join(args.out, f"{protocol}_accuracy_vs_time.png"))
+        print(tables(results, checkpoints))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
