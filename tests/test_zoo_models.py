@@ -260,6 +260,7 @@ class _Seq2Seq(nn.Module):
 
 
 TRAIN = ("eval", "frozen_stats", "exact")
+INPLACE = r"modified in place"  # the message of a refused in-place modification
 
 def tv_efficientnet_b0_narrow(**kw):
     """efficientnet_b0's own configuration builder at width 0.25, depth 0.5 (the same block types)."""

@@ -97,6 +97,10 @@ class _Site:
     operands: dict  # role ("weight"/"bias") -> (_Derived, tensor as the call saw it)
     extra: tuple = ()  # hashable call details (eps, normalized shape, padding_idx, ...)
     saved: dict = field(default_factory=dict)  # call details that are tensors (running statistics)
+    # versions of (data, output) when the call ran: the module's forward may modify the output in place
+    # after it (timm's BatchNormAct2d: an in-place activation on the batch_norm result), which the rule,
+    # reading the output's values, must refuse
+    versions: tuple = ()
 
 
 class _SiteMode(TorchFunctionMode):
@@ -160,7 +164,7 @@ class _SiteMode(TorchFunctionMode):
     def _add(self, kind, out, data, operands, extra=(), saved=None):
         operands = {role: op for role, op in operands.items() if op is not None}
         if operands and isinstance(data, torch.Tensor) and self.derived(data) is None:
-            self.sites.append(_Site(kind, out, data, operands, extra, saved or {}))
+            self.sites.append(_Site(kind, out, data, operands, extra, saved or {}, versions=_versions(data, out)))
 
     def _linear(self, out, x, w, b, transposed):
         if not isinstance(w, torch.Tensor) or w.ndim != 2 or (isinstance(b, torch.Tensor) and b.ndim != 1):
@@ -372,7 +376,7 @@ class FunctionalLayer(CapturedLayer):
         if per_example > 1:
             self._regrouped.add(id(s.data))
         unit.rule.records.append(Record(regroup(s.data), regroup(s.output.detach())))
-        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=_versions(s.data, s.output)))
+        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=s.versions))
         unit.records.append(len(self.records) - 1)
 
     def _rule(self, s: _Site, roles: list) -> CapturedLayer:
