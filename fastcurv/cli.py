@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from fastcurv._io import write_json
+
 # Defaults sized so that `fastcurv compare` with no options finishes in a few minutes on 2 CPU cores.
 COMPARE_RULES = "sgd,l2,curvature,fisher,subbatch,metric,selective_l2"
 COMPARE_EPOCHS = 20
@@ -202,19 +204,20 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _check_training_args(args) -> None:
     """Every numeric flag checked before anything trains, the error naming the flag."""
-    def require(ok: bool, flag: str, what: str, value) -> None:
-        if not ok:
-            raise UsageError(f"{flag} must be {what}, got {value}")
+    from fastcurv._validate import check_number
 
-    require(math.isfinite(args.lr) and args.lr > 0, "--lr", "finite and > 0", args.lr)
-    require(math.isfinite(args.momentum) and args.momentum >= 0, "--momentum", "finite and >= 0", args.momentum)
-    require(args.batch_size >= 1, "--batch-size", ">= 1", args.batch_size)
-    require(args.epochs >= 1, "--epochs", ">= 1", args.epochs)
-    require(args.curvature_samples >= 1, "--curvature-samples", ">= 1", args.curvature_samples)
-    if args.width is not None:
-        require(args.width >= 1, "--width", ">= 1", args.width)
-    if args.lr_drop is not None:
-        require(args.lr_drop >= 1, "--lr-drop", ">= 1 (epochs between halvings)", args.lr_drop)
+    checks = [("--lr", args.lr, dict(low=0, low_open=True)), ("--momentum", args.momentum, dict(low=0)),
+              ("--batch-size", args.batch_size, dict(integer=True, low=1)),
+              ("--epochs", args.epochs, dict(integer=True, low=1)),
+              ("--curvature-samples", args.curvature_samples, dict(integer=True, low=1)),
+              ("--width", args.width, dict(integer=True, low=1, allow_none=True)),
+              ("--lr-drop", args.lr_drop, dict(integer=True, low=1, allow_none=True, why="epochs between halvings")),
+              ("--seed", getattr(args, "seed", 0), dict(integer=True))]
+    for flag, value, bounds in checks:
+        try:
+            check_number(None, flag, value, **bounds)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 def _fit_kwargs(args) -> dict:
@@ -308,8 +311,7 @@ def _cmd_compare(args) -> int:
     _summarize(results, rules, task)
     if _rank() != 0:  # data-parallel run: rank 0 writes the outputs
         return 0
-    with open(os.path.join(args.out, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=1, default=float)
+    write_json(os.path.join(args.out, "results.json"), results, indent=1, default=float)
     print(_table(results, rules, task))
     if not args.no_plots:
         # per-epoch curves need equal epoch counts; equal-time runs take different numbers of epochs
@@ -436,7 +438,7 @@ def _plots(results: dict, rules: list[str], task: str, out: str) -> list[str]:
 
 def _cmd_train(args) -> int:
     from fastcurv.data import load
-    from fastcurv.train import RULES, fit
+    from fastcurv.train import RULES, ResumeMismatchError, fit
 
     dataset_name = _check_dataset(args.dataset)
     if args.rule not in RULES:
@@ -454,14 +456,60 @@ def _cmd_train(args) -> int:
     _check_rules_ready([args.rule], options, spec, args)
     data = load(dataset_name, seed=args.seed, data_dir=args.data_dir)
     model = _model_for(spec, args.seed)
-    history = fit(model, data, rule=args.rule, rule_options=options[args.rule], epochs=args.epochs, seed=args.seed,
-                  init=init_kind, init_scale=init_scale, track_eigenvalue=args.track_eigenvalue,
-                  checkpoint=args.checkpoint, resume=args.resume, model_spec={**spec, "seed": args.seed},
-                  **fit_kwargs)
+    try:
+        history = fit(model, data, rule=args.rule, rule_options=options[args.rule], epochs=args.epochs,
+                      seed=args.seed, init=init_kind, init_scale=init_scale, track_eigenvalue=args.track_eigenvalue,
+                      checkpoint=args.checkpoint, resume=args.resume, model_spec={**spec, "seed": args.seed},
+                      **fit_kwargs)
+    except ResumeMismatchError as err:
+        raise UsageError(_resume_mismatch_text(args, err)) from None
     if _rank() == 0:
         for record in history:
             print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
     return 0
+
+
+# fit's resume keys (fastcurv.train.loop._RESUME_KEYS, dotted for nested ones) -> the flag that sets them.
+RESUME_FLAGS = {
+    "model_spec.dataset": "--dataset", "data": "--dataset", "task": "--dataset", "model_spec.activation": "--activation",
+    "model_spec.width": "--width", "model": "--activation/--width", "seed": "--seed", "model_spec.seed": "--seed",
+    "rule.rule": "--rule", "loss": "--loss", "lr": "--lr", "batch_size": "--batch-size", "optimizer": "--optimizer",
+    "momentum": "--momentum", "schedule": "--lr-drop", "regularize_after_first_drop": "--after-first-drop",
+    "track_eigenvalue": "--track-eigenvalue", "curvature_samples": "--curvature-samples", "init": "--init",
+    "init_scale": "--init",
+}
+
+
+def _resume_flag(key: str, rule: str) -> str:
+    """The flag behind one resume key: a rule hyperparameter ``rule.alpha`` is ``--alpha`` where that
+    flag targets the rule, else ``--set rule.alpha=...``."""
+    if key in RESUME_FLAGS:
+        return RESUME_FLAGS[key]
+    if key.startswith("rule."):
+        name = key.split(".", 1)[1]
+        flags = [f"--{flag}" for flag, (hyper, targets) in FLAG_TARGETS.items() if hyper == name and rule in targets]
+        return " / ".join(flags + [f"--set {rule}.{name}=..."])
+    return key
+
+
+def _resume_mismatch_text(args, err) -> str:
+    """One line naming each flag whose value differs from the checkpoint's run, with both values."""
+    differences = err.differences
+    keys = {key for key, _, _ in differences}
+    if keys - {"model", "data", "task"}:  # the fingerprints only add news when no flag explains them
+        differences = [d for d in differences if d[0] not in ("model", "data", "task")]
+    if "lr" in keys:  # the schedule's repr carries lr0: not a --lr-drop change unless its kind differs
+        differences = [d for d in differences if d[0] != "schedule" or str(d[1]).split("(")[0] != str(d[2]).split("(")[0]]
+    seen, parts = set(), []
+    for key, saved, now in differences:
+        flag = _resume_flag(key, args.rule)
+        if flag in seen:  # e.g. --seed changes the seed, the model_spec seed and the generated data
+            continue
+        seen.add(flag)
+        shown = lambda value: "the default" if value is None else repr(value)  # noqa: E731
+        parts.append(f"{flag}: checkpoint {shown(saved)}, now {shown(now)}")
+    return (f"--resume: the checkpoint {args.checkpoint!r} was written by a different run ({'; '.join(parts)}). "
+            "Pass the same flags to continue it, --overwrite to start over, or another --checkpoint")
 
 
 def _check_checkpoint_flag(args) -> None:
@@ -470,6 +518,9 @@ def _check_checkpoint_flag(args) -> None:
     path = args.checkpoint
     if os.path.isdir(path):
         raise UsageError(f"--checkpoint {path!r} is a directory; give a file name such as {os.path.join(path, 'run.pt')!r}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: --resume continues the checkpoint, "
+                         "--overwrite discards it and starts over; pass one of them")
     if os.path.exists(path) and not (args.resume or args.overwrite):
         raise UsageError(f"--checkpoint {path!r} already exists; pass --resume to continue it or --overwrite to "
                          "start over and replace it")

@@ -235,7 +235,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert resumed.without_timing() == full.without_timing()
     for a, b in zip(full_model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="configuration differs.*lr"):
+    with pytest.raises(ValueError, match="differs from the one that wrote it.*lr"):
         xord_run(tmp_path, "part.pt", resume=True, lr=0.3)
 
 
@@ -401,13 +401,29 @@ def test_damaged_checkpoints_are_refused_clearly(tmp_path):
 
 
 def test_orphan_temp_files_of_a_killed_save_are_removed(tmp_path):
-    path = str(tmp_path / "run.pt")
-    orphan = tmp_path / ".run.pt.tmp-abc123.pt"  # what a kill during save_checkpoint(path) leaves
-    orphan.write_bytes(b"half a checkpoint")
-    other = tmp_path / ".other.pt.tmp-abc123.pt"  # another checkpoint's save, possibly in progress: kept
-    other.write_bytes(b"x")
-    save_checkpoint(path, {"epoch": 1})
-    assert sorted(os.listdir(tmp_path)) == [".other.pt.tmp-abc123.pt", "run.pt"]
+    """A dead writer's temp file of this checkpoint is removed; a live writer's, and another
+    checkpoint's, are kept (deleting a live one killed a concurrent save)."""
+    import subprocess
+    import sys
+
+    from fastcurv._io import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = str(tmp_path / "run.pt")
+        orphan = tmp_path / f".run.pt.tmp-{_HOST}-{dead.pid}-abc123"  # what a kill during save_checkpoint(path) leaves
+        orphan.write_bytes(b"half a checkpoint")
+        live = tmp_path / f".run.pt.tmp-{_HOST}-{alive.pid}-abc123"  # a save in progress in another process
+        live.write_bytes(b"x")
+        other = tmp_path / f".other.pt.tmp-{_HOST}-{dead.pid}-abc123"  # another checkpoint's: not ours to judge
+        other.write_bytes(b"x")
+        save_checkpoint(path, {"epoch": 1})
+        assert sorted(p for p in os.listdir(tmp_path) if not p.endswith(".lock")) == sorted([other.name, live.name, "run.pt"])
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_all_rules_listed():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastcurv._io import save_figure
 from fastcurv.curvature._operator import as_operator
 from fastcurv.curvature.eigen import _progress_bar
 from fastcurv.curvature.estimators import _mean_and_stderr, _rademacher
@@ -118,7 +119,7 @@ class SpectralDensity:
         ax.legend(loc="upper right")
         if own and path is not None:
             fig.tight_layout()
-            fig.savefig(path, dpi=120)
+            save_figure(fig, path, dpi=120)
             plt.close(fig)
         return ax
 

@@ -41,7 +41,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastcurv._validate import check_flag
 from fastcurv.capture import Capture, capture
+from fastcurv.regularizers.guard import PenaltyGuard
+from fastcurv.regularizers.norms import check_coefficient
 
 __all__ = ["Curvature"]
 
@@ -65,6 +68,9 @@ class Curvature:
         loss_fn: ``loss_fn(out, y) -> [B]`` per-example losses for the call form ``reg(x, y)``
             (default: per-example cross-entropy).
         generator: a ``torch.Generator`` for the subsample draws (default: the global RNG).
+        guard: ``"warn"`` (default), ``"error"`` or ``None``: the first time the penalty or the
+            per-example norms are nan/inf or jump 1000x above their recent median, warn (or raise)
+            with what to do (:class:`fastcurv.regularizers.guard.PenaltyGuard`; one host sync per call).
 
     Attributes:
         last_sqnorms: the last computed per-example squared norms (detached, ``[B]`` or ``[b]``), for
@@ -83,10 +89,8 @@ class Curvature:
         every: int = 1,
         loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         generator: Optional[torch.Generator] = None,
+        guard: Optional[str] = "warn",
     ):
-        alpha = float(alpha)
-        if not alpha >= 0:  # also catches nan
-            raise ValueError(f"Curvature: alpha must be >= 0, got {alpha}")
         if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1):
             raise ValueError(f"Curvature: subsample must be None or an int >= 1 (examples per step), got {subsample!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -98,12 +102,13 @@ class Curvature:
         self._calls = 0  # penalty calls so far: call c computes when c % every == 0
         self._stored: Optional[tuple[torch.Tensor, list]] = None  # every > 1: (value, gradient per parameter)
         self.model = model
-        self.alpha = alpha
+        self.alpha = check_coefficient("Curvature", "alpha", alpha)
         self.ignore = tuple([ignore] if isinstance(ignore, (str, nn.Module)) else ignore)
-        self.capture_options = {"strict": strict, "batchnorm": batchnorm}
+        self.capture_options = {"strict": check_flag("Curvature", "strict", strict), "batchnorm": batchnorm}
         capture(model, self.ignore, **self.capture_options)  # fail now, not at the first step, on bad options
         self._capture: Optional[Capture] = None
         self.last_sqnorms: Optional[torch.Tensor] = None
+        self.guard = PenaltyGuard(f"Curvature(alpha={self.alpha:g})", guard)
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v}" for k, v in (("subsample", self.subsample), ("every", self.every))
@@ -149,7 +154,9 @@ class Curvature:
         finally:
             cap.clear()  # what the penalty needs is now held by its own graph
         self.last_sqnorms = sqnorms.detach()
-        return self.alpha * sqnorms.mean(), sqnorms
+        penalty = self.alpha * sqnorms.mean()
+        self.guard.check(penalty, sqnorms)
+        return penalty, sqnorms
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
         """The penalty ``alpha * mean_i ||grad l_i||^2`` as a differentiable scalar, in one of two forms:

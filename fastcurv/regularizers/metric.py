@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastcurv._validate import check_flag, check_number
 from fastcurv.regularizers.norms import Regularizer, check_coefficient, trainable_parameters
 
 __all__ = ["Metric", "SelectiveL2", "hessian_parameter_product"]
@@ -153,7 +154,7 @@ class Metric(_HessianProductRegularizer):
 
     def __init__(self, model: nn.Module, lam: float, absolute: bool = False):
         self.lam = check_coefficient("Metric", "lam", lam)
-        self.absolute = bool(absolute)
+        self.absolute = check_flag("Metric", "absolute", absolute)
         self.params = trainable_parameters("Metric", model)
         self.last_direction: list[torch.Tensor] | None = None
 
@@ -185,7 +186,9 @@ class SelectiveL2(_HessianProductRegularizer):
 
     def __init__(self, model: nn.Module, lam: float, omega: float):
         self.lam = check_coefficient("SelectiveL2", "lam", lam)
-        self.omega = check_coefficient("SelectiveL2", "omega", omega)
+        self.omega = check_number("SelectiveL2", "omega", omega, low=0, high=1, low_open=True, high_open=True,
+                                  why="a fraction of the largest |thetabar^T H|: omega >= 1 would regularize every "
+                                      "parameter (plain L2), omega <= 0 none")
         self.params = trainable_parameters("SelectiveL2", model)
         self.last_direction: list[torch.Tensor] | None = None
         self.last_mask: list[torch.Tensor] | None = None

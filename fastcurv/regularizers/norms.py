@@ -17,25 +17,20 @@ This module also holds the small shared base class and argument checks of the re
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from fastcurv._validate import check_number
+
 __all__ = ["L2", "SpectralNorm", "GroupLasso"]
 
 
 def check_coefficient(owner: str, name: str, value: float, *, positive: bool = False) -> float:
-    """``value`` as a float, or a clear error if it is negative (zero too if ``positive``) or not finite."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}") from None
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        need = "> 0" if positive else ">= 0"
-        raise ValueError(f"{owner}: {name} must be finite and {need}, got {value}")
-    return value
+    """``value`` as a float, or a clear error if it is negative (zero too if ``positive``), not finite
+    or not a number (:func:`fastcurv._validate.check_number`)."""
+    return check_number(owner, name, value, low=0, low_open=positive)
 
 
 def trainable_parameters(owner: str, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -131,11 +126,8 @@ class SpectralNorm(Regularizer):
     ):
         self.gamma = check_coefficient("SpectralNorm", "gamma", gamma)
         self.beta = check_coefficient("SpectralNorm", "beta", beta)
-        if int(n_power_iterations) != n_power_iterations or n_power_iterations < 1:
-            raise ValueError(
-                f"SpectralNorm: n_power_iterations must be an integer >= 1, got {n_power_iterations}"
-            )
-        self.n_power_iterations = int(n_power_iterations)
+        self.n_power_iterations = check_number("SpectralNorm", "n_power_iterations", n_power_iterations,
+                                               integer=True, low=1)
         self.eps = check_coefficient("SpectralNorm", "eps", eps, positive=True)
         self.layer = layer
         weight = layer_weight("SpectralNorm", layer)
@@ -144,6 +136,7 @@ class SpectralNorm(Regularizer):
                 f"SpectralNorm: layer {type(layer).__name__} has a weight of shape "
                 f"{tuple(weight.shape)}; expected a matrix (or a conv kernel) with >= 2 dims"
             )
+        seed = check_number("SpectralNorm", "seed", seed, integer=True, allow_none=True)
         gen = None
         if seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fastcurv._validate import check_flag, check_number
 from fastcurv.layers.base import describe
 from fastcurv.layers.reparam import reparametrized
 from fastcurv.regularizers.norms import Regularizer, check_coefficient, trainable_parameters
@@ -415,12 +416,8 @@ class SubBatchGradNorm(Regularizer):
     ):
         self.alpha = check_coefficient("SubBatchGradNorm", "alpha", alpha, positive=True)
         self.beta = check_coefficient("SubBatchGradNorm", "beta", beta)
-        if isinstance(num_subbatches, bool) or int(num_subbatches) != num_subbatches or num_subbatches < 1:
-            raise ValueError(
-                f"SubBatchGradNorm: num_subbatches must be an integer >= 1, got {num_subbatches!r}"
-            )
-        self.num_subbatches = int(num_subbatches)
-        self.exact = bool(exact)
+        self.num_subbatches = check_number("SubBatchGradNorm", "num_subbatches", num_subbatches, integer=True, low=1)
+        self.exact = check_flag("SubBatchGradNorm", "exact", exact)
         if not callable(loss_fn):
             raise TypeError(f"SubBatchGradNorm: loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn

@@ -2,7 +2,6 @@
 side-by-side table and the plots."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastcurv._io import save_figure, write_json, write_text
 from fastcurv.reproduce.verdict import mean_std, present
 
 BUDGETS = ("tiny", "quick", "full")  # tiny: seconds, for the tests (hidden from --help)
@@ -34,8 +34,7 @@ class Session:
     def __post_init__(self):
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         # Checkpoints are large and only serve --resume: keep them out of git wherever OUT lives.
-        with open(os.path.join(self.checkpoint_dir, ".gitignore"), "w") as handle:
-            handle.write("*\n")
+        write_text(os.path.join(self.checkpoint_dir, ".gitignore"), "*\n")
 
     @property
     def checkpoint_dir(self) -> str:
@@ -147,14 +146,11 @@ def write_outputs(session: Session, results: dict, table_text: str) -> None:
                "histories": f"per-epoch histories keep at most {MAX_STORED_EPOCHS} evenly spaced epochs (first and "
                             f"last included); the checkpoints under checkpoints/ hold every epoch", **results}
     path = os.path.join(session.out, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(compact(results), handle, separators=(",", ":"), default=float)
-    os.replace(tmp, path)
-    with open(os.path.join(session.out, "table.md"), "w") as handle:
-        handle.write(f"# fastcurv reproduce {session.paper} --budget {session.budget}\n\n```\n{table_text}\n```\n\n"
+    write_json(path, compact(results), separators=(",", ":"), default=float)
+    write_text(os.path.join(session.out, "table.md"),
+               f"# fastcurv reproduce {session.paper} --budget {session.budget}\n\n```\n{table_text}\n```\n\n"
                      f"Seeds {session.seeds}; wall time {session.elapsed():.0f} s on {results['environment']['device']} "
-                     f"({results['environment']['cpu_count']} cores){resumed_note(session)}.\n")
+               f"({results['environment']['cpu_count']} cores){resumed_note(session)}.\n")
     session.log(f"wrote {path} and table.md")
 
 
@@ -230,7 +226,7 @@ def plot_curves(path: str, title: str, ylabel: str, series: dict[str, list[list[
         labels.append(f"shaded: ±1 std over {seeds} seeds")
     ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -257,7 +253,7 @@ def plot_points(path: str, title: str, ylabel: str, values: dict[str, list[float
     ax.set_title(title + " (dots: seeds)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -282,7 +278,7 @@ def plot_heatmap(path: str, title: str, grid, row_labels: list[str], col_labels:
     fig.colorbar(image, ax=ax)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -23,6 +23,7 @@ import os
 import torch
 from torch import nn
 
+from fastcurv._io import write_text
 from fastcurv.reproduce.common import (Session, claims_table, curves, finals, format_cell, format_table,
                                        plot_curves, plot_heatmap, plot_points, subset, validation_split, write_outputs)
 from fastcurv.reproduce.verdict import claim, mean_std
@@ -173,8 +174,7 @@ def selection_stability(out: str, selection_seeds=(0, 1, 2), budget: str = "quic
     text = (f"# Verdict stability of `fastcurv reproduce geng --budget {budget}` over selection seeds\n\n"
             "Each row is the whole protocol with another validation split and selection-run initialization "
             "(the main runs' seeds are the same in every row).\n\n```\n" + table + "\n```\n")
-    with open(os.path.join(out, "stability.md"), "w") as handle:
-        handle.write(text)
+    write_text(os.path.join(out, "stability.md"), text)
     return text
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints written atomically (temp file in the same folder + ``os.replace``), so an interrupted
+"""Checkpoints written atomically (:mod:`fastcurv._io`: temp file in the same folder, fsync, rename), so an interrupted
 write never leaves a truncated file where a good one was, and verified on load by a SHA-256 checksum
 of their payload, so a corrupted file (flipped bytes, an overwritten weight) is refused instead of
 silently resuming from, or measuring, a different model.
@@ -10,13 +10,13 @@ File layout (a ``torch.save`` file, readable with ``torch.load(path, weights_onl
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
-import tempfile
 
 import torch
+
+from fastcurv._io import WriteError, exclusive, write_bytes
 
 FORMAT = "fastcurv-checkpoint"
 FORMAT_VERSION = 2
@@ -26,38 +26,31 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, not a fastcurv checkpoint, truncated or corrupted."""
 
 
-def _temp_prefix(path: str) -> str:
-    # Named after the checkpoint, so that orphans of this checkpoint (a kill during a save) can be found.
-    return f".{os.path.basename(path)}.tmp-"
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` (a dict of tensors / plain Python values) to ``path`` atomically, with a checksum.
 
-    Temp files left by an earlier save of the same ``path`` that was killed are removed first."""
+    Serialized in memory first, then written by :func:`fastcurv._io.write_bytes`: a full disk or an
+    unwritable folder raises :class:`fastcurv._io.WriteError` (an ``OSError``, one line) and leaves
+    the previous checkpoint intact. While another process holds the checkpoint's lock (a ``fit`` run
+    writing it, see :func:`fastcurv._io.exclusive`) the save is refused with
+    :class:`fastcurv._io.LockedError`."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path {path!r} is a directory; give a file name such as {os.path.join(path, 'run.pt')!r}")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    for orphan in glob.glob(os.path.join(glob.escape(folder), glob.escape(_temp_prefix(path)) + "*.pt")):
-        os.unlink(orphan)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise WriteError(path, err) from None
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     envelope = {"format": FORMAT, "format_version": FORMAT_VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
                 "payload": payload}
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(envelope, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    torch.save(envelope, buffer)  # in memory: torch's own writer turns a full disk into an unclear RuntimeError
+    with exclusive(path, "checkpoint"):
+        write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

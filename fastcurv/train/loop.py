@@ -1,6 +1,7 @@
 """The training loop: ``fit(model, train_data, test_data, rule=..., ...)`` -> :class:`History`."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcurv._io import exclusive
+from fastcurv._validate import check_flag, check_number
 from fastcurv.curvature._operator import refuse_wrappers
 from fastcurv.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastcurv.train.history import History
@@ -20,10 +23,71 @@ from fastcurv.train.schedules import make_schedule
 
 LOSSES = ("auto", "cross_entropy", "mse", "hinge")
 OPTIMIZERS = ("sgd", "adam")
-# Keys of the run configuration that must match between a checkpoint and the run resuming it.
-_RESUME_KEYS = ("rule", "loss", "lr", "batch_size", "seed", "optimizer", "momentum", "schedule",
-                "regularize_after_first_drop", "track_eigenvalue", "track_fisher_trace", "curvature_samples",
-                "measure_loss")
+# Everything that defines the model, the data or the training run: a checkpoint is resumed only when
+# all of these match (``epochs`` may differ: a resumed run continues up to the new number). Keys an
+# older checkpoint lacks are not compared.
+_RESUME_KEYS = ("rule", "loss", "lr", "batch_size", "seed", "optimizer", "momentum", "schedule", "init",
+                "init_scale", "task", "regularize_after_first_drop", "track_eigenvalue", "track_fisher_trace",
+                "curvature_samples", "measure_loss", "model_spec", "model", "data")
+_FINGERPRINT_ROWS = 1024  # examples hashed per split to recognize the data a checkpoint was trained on
+
+
+class ResumeMismatchError(ValueError):
+    """``fit(resume=True)`` on a checkpoint of a different run. ``differences`` lists ``(key, in the
+    checkpoint, now)``; nested keys are dotted (``rule.alpha``, ``model_spec.width``)."""
+
+    def __init__(self, checkpoint: str, differences: list[tuple[str, object, object]]):
+        self.checkpoint, self.differences = checkpoint, differences
+        details = "; ".join(f"{key}: checkpoint {saved!r}, now {now!r}" for key, saved, now in differences)
+        super().__init__(f"fit: cannot resume from {checkpoint!r}: this run differs from the one that wrote it "
+                         f"({details}). Resume with the checkpoint's settings, or start over under another "
+                         "checkpoint path")
+
+
+def _differences(saved: dict, now: dict, keys, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, saved, now)`` for the keys of ``keys`` present in ``saved`` that differ. Dicts are
+    compared key by key so the error names the hyperparameter (``rule.alpha``), lists (fingerprints)
+    by their first differing entry (``model: '2: Tanh'`` vs ``'2: ReLU'``)."""
+    found = []
+    for key in keys:
+        if key not in saved or saved[key] == now.get(key):
+            continue
+        old, new = saved[key], now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, sorted(old), f"{prefix}{key}.")
+            found += [(f"{prefix}{key}.{k}", None, new[k]) for k in sorted(set(new) - set(old))]
+        elif isinstance(old, list) and isinstance(new, list):
+            first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), None)
+            if first is None:
+                found.append((f"{prefix}{key} (entries)", len(old), len(new)))
+            else:
+                found.append((f"{prefix}{key}", old[first], new[first]))
+        else:
+            found.append((f"{prefix}{key}", old, new))
+    return found
+
+
+def model_fingerprint(model: nn.Module) -> list[str]:
+    """The architecture: every module's class and every parameter/buffer's shape and dtype. A model
+    with another activation or width has another fingerprint; the weights' values do not enter."""
+    return ([f"module {name or '<root>'}: {type(m).__name__}" for name, m in model.named_modules()]
+            + [f"tensor {name}: {tuple(t.shape)} {t.dtype}" for name, t in model.state_dict().items()
+               if isinstance(t, torch.Tensor)])
+
+
+def data_fingerprint(x_train, y_train, x_test, y_test) -> list[str]:
+    """Shape, dtype and a SHA-256 of up to ``_FINGERPRINT_ROWS`` evenly spaced examples of each
+    split's tensors: another data set (or split, or seed of a generated one) gives another fingerprint, at the
+    cost of hashing a few thousand examples."""
+    import hashlib
+
+    prints = []
+    for name, t in zip(("x_train", "y_train", "x_test", "y_test"), (x_train, y_train, x_test, y_test)):
+        rows = t[torch.linspace(0, t.shape[0] - 1, min(t.shape[0], _FINGERPRINT_ROWS)).long().to(t.device)]
+        raw = rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype, bfloat16 too
+        digest = hashlib.sha256(raw.numpy().tobytes()).hexdigest()[:16]
+        prints.append(f"{name}: {tuple(t.shape)} {t.dtype} sha256 {digest}")
+    return prints
 
 
 def per_example_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -34,7 +98,7 @@ def per_example_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.
     elif name == "mse":
         def fn(out, y):
             # Mean over output dims, so that the batch mean equals F.mse_loss(out, y).
-            return F.mse_loss(out, y.reshape(out.shape), reduction="none").reshape(out.shape[0], -1).mean(1)
+            return F.mse_loss(out, _mse_target(out, y), reduction="none").reshape(out.shape[0], -1).mean(1)
     elif name == "hinge":
         from fastcurv.losses import multiclass_hinge
 
@@ -44,6 +108,18 @@ def per_example_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
     fn.loss_name = name  # lets rules refuse losses they cannot run with
     return fn
+
+
+def _mse_target(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The MSE target for ``out``: real targets as given; class labels ``[B]`` for logits ``[B, C]``
+    become one-hot vectors (MSE on one-hot targets, a classification loss in its own right)."""
+    if not y.is_floating_point() and y.dim() == 1 and out.dim() == 2 and y.shape[0] == out.shape[0]:
+        return F.one_hot(y, out.shape[1]).to(out.dtype)
+    if y.numel() != out.numel():
+        raise ValueError(f"loss 'mse': the target of shape {tuple(y.shape)} ({y.dtype}) does not match the output "
+                         f"of shape {tuple(out.shape)}; give real targets of the output's shape, or class labels "
+                         "[B] for outputs [B, C] (compared with one-hot vectors)")
+    return y.reshape(out.shape)
 
 
 def resolve_loss(loss: str, task: str, rule_name: str) -> str:
@@ -227,6 +303,21 @@ def _curvature_record(model, x, y, loss_fn, want_eigen: bool, want_fisher: bool,
     return record
 
 
+def _one_writer(fit_function):
+    """``fit`` holds its checkpoint's lock (:func:`fastcurv._io.exclusive`) for the whole run, on the
+    process that writes it (rank 0): a second run on the same checkpoint is refused at once, not after
+    it has overwritten (or deleted the temp file of) the first run's epochs."""
+    @functools.wraps(fit_function)
+    def locked(*args, **kwargs):
+        checkpoint = kwargs.get("checkpoint")  # keyword-only
+        if checkpoint is None or distributed_rank_world()[0] != 0 or os.path.isdir(checkpoint):
+            return fit_function(*args, **kwargs)
+        with exclusive(checkpoint, "checkpoint"):
+            return fit_function(*args, **kwargs)
+    return locked
+
+
+@_one_writer
 def fit(
     model: nn.Module,
     train_data,
@@ -344,19 +435,21 @@ def fit(
         task = "regression" if y_train.is_floating_point() else "classification"
     if task not in ("classification", "regression"):
         raise ValueError(f"fit: task must be 'classification' or 'regression', got {task!r}")
-    if int(epochs) != epochs or epochs < 0:
-        raise ValueError(f"fit: epochs must be an integer >= 0, got {epochs}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"fit: lr must be finite and > 0, got {lr}")
-    if int(curvature_samples) != curvature_samples or curvature_samples < 1:
-        raise ValueError(f"fit: curvature_samples must be an integer >= 1, got {curvature_samples}")
-    if divergence_factor is not None and not (divergence_factor > 1 and math.isfinite(divergence_factor)):
-        raise ValueError(f"fit: divergence_factor must be finite and > 1 (or None to turn the check off), "
-                         f"got {divergence_factor}")
-    if time_budget is not None and not (time_budget > 0 and math.isfinite(time_budget)):
-        raise ValueError(f"fit: time_budget must be finite and > 0 seconds (or None), got {time_budget}")
+    epochs = check_number("fit", "epochs", epochs, integer=True, low=0)
+    batch_size = check_number("fit", "batch_size", batch_size, integer=True, low=1)
+    lr = check_number("fit", "lr", lr, low=0, low_open=True)
+    momentum = check_number("fit", "momentum", momentum, low=0)
+    seed = check_number("fit", "seed", seed, integer=True)
+    init_scale = check_number("fit", "init_scale", init_scale, low=0, low_open=True)
+    curvature_samples = check_number("fit", "curvature_samples", curvature_samples, integer=True, low=1)
+    stop_after = check_number("fit", "stop_after", stop_after, integer=True, low=0, allow_none=True)
+    divergence_factor = check_number("fit", "divergence_factor", divergence_factor, low=1, low_open=True,
+                                     allow_none=True, why="None turns the check off")
+    for flag, value in (("regularize_after_first_drop", regularize_after_first_drop), ("resume", resume),
+                        ("track_eigenvalue", track_eigenvalue), ("track_fisher_trace", track_fisher_trace)):
+        check_flag("fit", flag, value)
+    time_budget = check_number("fit", "time_budget", time_budget, low=0, low_open=True, allow_none=True,
+                               why="seconds")
     if checkpoint is not None and os.path.isdir(checkpoint):  # found now, not after the first epoch
         raise CheckpointError(f"fit: checkpoint path {os.fspath(checkpoint)!r} is a directory; give a file name")
 
@@ -394,17 +487,17 @@ def fit(
         "regularize_after_first_drop": bool(regularize_after_first_drop), "task": task,
         "track_eigenvalue": bool(track_eigenvalue), "track_fisher_trace": bool(track_fisher_trace),
         "curvature_samples": int(curvature_samples), "measure_loss": measure_loss,
+        "model_spec": model_spec, "model": model_fingerprint(model),
+        "data": data_fingerprint(x_train, y_train, x_test, y_test),
     }
 
     history = History()
     start_epoch = 0
     if resume and checkpoint is not None and os.path.exists(checkpoint):
         state = load_checkpoint(checkpoint)
-        saved = state.get("config", {})
-        diff = [k for k in _RESUME_KEYS if saved.get(k) != run_config.get(k)]
-        if diff:
-            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {run_config.get(k)!r}" for k in diff)
-            raise ValueError(f"fit: cannot resume from {os.fspath(checkpoint)!r}, the configuration differs ({details})")
+        differences = _differences(state.get("config", {}), run_config, _RESUME_KEYS)
+        if differences:
+            raise ResumeMismatchError(os.fspath(checkpoint), differences)
         model.load_state_dict(state["model_state"])
         opt.load_state_dict(state["optimizer_state"])
         rule_obj.load_state_dict(state.get("rule_state", {}))

@@ -50,6 +50,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fastcurv._validate import check_number
+
 RULES = ("sgd", "l2", "curvature", "fisher", "subbatch", "metric", "selective_l2",
          "l2_stopped", "l2_stopped_selective", "sam", "gnp", "looksam")
 
@@ -106,6 +108,9 @@ class Rule:
         self.model, self.loss_fn = model, loss_fn
         if "tau" in self.hyper and self.hyper["tau"] is None:
             self.hyper["tau"] = max(epochs // 2, 0)
+        if "tau" in self.hyper:
+            self.hyper["tau"] = check_number(f"rule {self.name!r}", "tau", self.hyper["tau"], integer=True, low=0,
+                                             why="epochs with L2")
         return self
 
     def config(self) -> dict:
