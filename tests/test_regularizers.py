@@ -376,7 +376,7 @@ def test_metric_bad_input():
     model = _mlp("cpu")
     with pytest.raises(ValueError, match="lam must be finite and >= 0, got -0.1"):
         Metric(model, -0.1)
-    with pytest.raises(ValueError, match="omega must be finite and >= 0"):
+    with pytest.raises(ValueError, match=r"omega must be finite and in \(0, 1\]"):
         SelectiveL2(model, 0.1, omega=-1)
     with pytest.raises(ValueError, match="Sequential has no parameters that require grad"):
         Metric(nn.Sequential(nn.ReLU()), 0.1)

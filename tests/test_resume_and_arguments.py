@@ -104,7 +104,7 @@ def _regularizer_cases():
         (lambda: Curvature(model, alpha="abc"), TypeError, r"Curvature: alpha must be a real number >= 0, got 'abc' \(str\)"),
         (lambda: Curvature(model, alpha=1e-2, strict="no"), TypeError, "Curvature: strict must be True or False"),
         (lambda: Curvature(model, alpha=1e-2, guard="loud"), ValueError, "guard must be one of"),
-        (lambda: SelectiveL2(model, 1.0, omega=1.5), ValueError, r"SelectiveL2: omega must be finite and in \(0, 1\)"),
+        (lambda: SelectiveL2(model, 1.0, omega=1.5), ValueError, r"SelectiveL2: omega must be finite and in \(0, 1\]"),
         (lambda: SelectiveL2(model, 1.0, omega=0), ValueError, "omega <= 0 none"),
         (lambda: Metric(model, 0.1, absolute="yes"), TypeError, "Metric: absolute must be True or False"),
         (lambda: L2(model, math.nan), ValueError, "L2: lam must be finite and >= 0, got nan"),
@@ -143,7 +143,7 @@ def test_fit_arguments_are_checked_naming_them(kwargs, error, message):
 
 @pytest.mark.parametrize("flags,message", [
     (["--rule", "curvature", "--alpha", "inf"], "--alpha inf: rule 'curvature': Curvature: alpha must be finite and >= 0, got inf"),
-    (["--rule", "selective_l2", "--omega", "5"], "--omega 5.0: rule 'selective_l2': SelectiveL2: omega must be finite and in (0, 1)"),
+    (["--rule", "selective_l2", "--omega", "5"], "--omega 5.0: rule 'selective_l2': SelectiveL2: omega must be finite and in (0, 1]"),
     (["--rule", "curvature", "--set", "curvature.alpha=1e999"], "Curvature: alpha must be finite and >= 0, got inf"),
     (["--rule", "l2_stopped", "--tau", "-1"], "rule 'l2_stopped': tau must be an integer >= 0"),
 ])

@@ -186,8 +186,8 @@ class SelectiveL2(_HessianProductRegularizer):
 
     def __init__(self, model: nn.Module, lam: float, omega: float):
         self.lam = check_coefficient("SelectiveL2", "lam", lam)
-        self.omega = check_number("SelectiveL2", "omega", omega, low=0, high=1, low_open=True, high_open=True,
-                                  why="a fraction of the largest |thetabar^T H|: omega >= 1 would regularize every "
+        self.omega = check_number("SelectiveL2", "omega", omega, low=0, high=1, low_open=True,
+                                  why="a fraction of the largest |thetabar^T H|: omega > 1 would regularize every "
                                       "parameter (plain L2), omega <= 0 none")
         self.params = trainable_parameters("SelectiveL2", model)
         self.last_direction: list[torch.Tensor] | None = None
