@@ -188,7 +188,7 @@ def test_errors():
     model, x, y, loss_fn = tanh_mlp()
     with pytest.raises(RuntimeError, match="no tracked forward"):
         Curvature(model, 1.0)(torch.zeros(B))
-    with pytest.raises(ValueError, match="alpha must be >= 0"):
+    with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
         Curvature(model, -1.0)
     with pytest.raises(TypeError, match="PReLU.*no fast rule.*strict=True"):
         Curvature(nn.Sequential(nn.PReLU(2)), 1.0, strict=True)
