@@ -210,10 +210,12 @@ def _check_training_args(args) -> None:
               ("--batch-size", args.batch_size, dict(integer=True, low=1)),
               ("--epochs", args.epochs, dict(integer=True, low=1)),
               ("--curvature-samples", args.curvature_samples, dict(integer=True, low=1)),
-              ("--width", args.width, dict(integer=True, low=1, allow_none=True)),
-              ("--lr-drop", args.lr_drop, dict(integer=True, low=1, allow_none=True, why="epochs between halvings")),
+              ("--width", args.width, dict(integer=True, low=1)),
+              ("--lr-drop", args.lr_drop, dict(integer=True, low=1, why="epochs between halvings")),
               ("--seed", getattr(args, "seed", 0), dict(integer=True))]
     for flag, value, bounds in checks:
+        if value is None:  # an optional flag left out (--width, --lr-drop): its default applies, nothing to check
+            continue
         try:
             check_number(None, flag, value, **bounds)
         except ValueError as err:

@@ -3,6 +3,11 @@ import io
 import math
 import os
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
 import pytest
 import torch
 from torch import nn
@@ -348,7 +353,15 @@ def test_checkpoint_is_atomic_and_checked(tmp_path):
     path = os.path.join(tmp_path, "c.pt")
     save_checkpoint(path, {"epoch": 3})
     assert load_checkpoint(path)["epoch"] == 3
-    assert os.listdir(tmp_path) == ["c.pt"]  # no temp file left behind
+    # No temp file left behind: only the checkpoint and its lock marker (fastcurv._io.exclusive keeps the
+    # empty .c.pt.lock on purpose), and the lock is released once the save returns.
+    assert sorted(os.listdir(tmp_path)) == [".c.pt.lock", "c.pt"]
+    if fcntl is not None:
+        fd = os.open(os.path.join(tmp_path, ".c.pt.lock"), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if the save still held it
+        finally:
+            os.close(fd)
     torch.save({"x": 1}, os.path.join(tmp_path, "other.pt"))
     with pytest.raises(ValueError, match="not a fastcurv checkpoint"):
         load_checkpoint(os.path.join(tmp_path, "other.pt"))
