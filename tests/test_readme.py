@@ -68,7 +68,9 @@ def test_readme_block_runs_as_written(block, tmp_path):
     if block["skip"]:
         pytest.skip(f"marked in README.md: {block['skip']}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-           "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+           "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore",
+           # the interpreter's own scripts (torchrun, fastcurv) as an activated venv would have them
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
     if block["language"] == "python":
         command = [sys.executable, "-c", block["code"]]
     else:
