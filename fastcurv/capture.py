@@ -335,7 +335,11 @@ class Capture:
             return False
         if n == self._batch:
             return False
-        if layer.regroups_rows and n > self._batch and n % self._batch == 0:
+        # wpe(torch.arange(T)) with T a multiple of B: a 1-D index tensor that is no view of a batched one is a
+        # shared position vector, not flattened token rows
+        could_be_shared = (layer.supports_shared_input and inp.ndim == 1 and not inp.is_floating_point()
+                           and inp._base is None)
+        if layer.regroups_rows and n > self._batch and n % self._batch == 0 and not could_be_shared:
             return ("rows", n // self._batch)  # [B*T, ...] rows (OPT's flattened MLP): regrouped, layout checked
         if layer.supports_shared_input:
             return True  # e.g. wpe(torch.arange(T)): one input for every example

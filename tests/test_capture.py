@@ -521,3 +521,29 @@ def test_float32_close_to_float64(case):
     ref = per_sample_grads(model64, x64, y64, loss_fn)
     expected = flat(ref, [n for n, _ in cap.params]).square().sum(1)
     torch.testing.assert_close(s32.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_position_embedding_of_arange_t_with_t_a_multiple_of_b_is_shared_not_flattened_rows():
+    """wpe(torch.arange(T)) with T = 8 B was taken for [B*T] flattened rows and refused (found by the GPU
+    dry run's GPT benchmark); it is a shared input, exact against the per-example loop."""
+    class TinyGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe, self.head = nn.Embedding(11, 4), nn.Embedding(16, 4), nn.Linear(4, 11)
+
+        def forward(self, x):
+            return self.head(self.wte(x) + self.wpe(torch.arange(x.shape[1])))
+
+    model = TinyGPT().double()
+    x = torch.randint(0, 11, (2, 16))
+
+    def losses_of(xb):
+        out = model(xb)
+        return F.cross_entropy(out.transpose(1, 2), xb, reduction="none").mean(1)
+
+    with fastcurv.capture(model) as cap:
+        losses = losses_of(x)
+    got = cap.per_example_sqnorms(losses)
+    want = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(losses_of(x[i:i + 1]).sum(), list(model.parameters())))
+                        for i in range(2)])
+    torch.testing.assert_close(got, want)
