@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_zoo_models import INPLACE, TRAIN, ZooCase, check_refused, run_case, timm_model, token_ce  # noqa: E402
+from test_zoo_models import INPLACE, TRAIN, ZooCase, check_case, check_refused, run_case, timm_model, token_ce  # noqa: E402
 from thirdparty import import_transformers  # noqa: E402
 
 V, D, T, B = 29, 16, 6, 3
@@ -126,11 +126,7 @@ def _params():
 
 @pytest.mark.parametrize("case, mode", _params())
 def test_zoo_functional_model(case, mode):
-    if case.refused:
-        check_refused(case, mode)
-        return
-    fraction = run_case(case, mode)
-    assert fraction >= case.min_fast, f"{case.name}: {fraction:.4f} of the parameters on fast rules < {case.min_fast}"
+    check_case(case, mode)
 
 
 if __name__ == "__main__":  # the per-model table
