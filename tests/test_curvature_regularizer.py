@@ -1,5 +1,7 @@
 """fastcurv.regularizers.Curvature: gradients of ``mean l + alpha mean ||grad l_i||^2`` against an
 exact micro-batch loop (itself checked against central finite differences), in float64."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,6 +314,58 @@ def test_subsample_backward_trains_the_data_loss_on_all_examples():
     torch.testing.assert_close(penalty, pen_value)
     for g, d, h in zip(got, data, pen_grad):
         torch.testing.assert_close(g, d + h)
+
+
+def _rows_forwarded(model):
+    """How many examples the model's first layer sees (a forward hook), to count forwards per step."""
+    rows = []
+    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    first.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("make", [tanh_mlp, cnn_eval_batchnorm], ids=lambda f: f.__name__)
+def test_subsample_backward_forwards_each_example_once(make):
+    """The drawn examples' data loss comes from the penalty's captured forward, the others' from a plain
+    one: B rows forwarded per step (not B + b), and the same gradient as the whole-batch formula."""
+    torch.manual_seed(0)
+    model, x, y, loss_fn = make()
+    rows = _rows_forwarded(model)
+    reg = Curvature(model, alpha=ALPHA, subsample=3, loss_fn=loss_fn, generator=torch.Generator().manual_seed(2))
+    loss, penalty = reg.backward_with_loss(x, y)
+    assert sorted(rows) == [1, 3] and sum(rows) == B
+    got = [p.grad.clone() for p in model.parameters()]
+    subset, params = reg.last_subset, list(model.parameters())
+    data = torch.autograd.grad(loss_fn(model(x), y).mean(), params)
+    pen_value, pen_grad = _exact_penalty_and_grad(model, x[subset], y[subset], loss_fn, ALPHA)
+    torch.testing.assert_close(loss, loss_fn(model(x), y).mean().detach())
+    torch.testing.assert_close(penalty, pen_value)
+    for g, d, h in zip(got, data, pen_grad):
+        torch.testing.assert_close(g, d + h)
+
+
+def test_subsample_backward_with_batch_statistics_keeps_the_whole_batch_forward():
+    """Train-mode BatchNorm: splitting the batch would change the data loss's statistics, so the data
+    loss keeps its forward on all B (B + b rows) and its gradient is the whole batch's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(B, 3), torch.randint(0, 3, (B,))
+    data_model = copy.deepcopy(model)
+    want_data = torch.autograd.grad(ce(data_model(x), y).mean(), list(data_model.parameters()))
+    rows = _rows_forwarded(model)
+    reg = Curvature(model, alpha=ALPHA, subsample=2, batchnorm="frozen_stats",
+                    generator=torch.Generator().manual_seed(2))
+    params = list(model.parameters())
+    reg.backward(x, y)
+    assert rows == [B, 2]
+    # the running statistics moved once (the data loss's forward), as in a plain step
+    torch.testing.assert_close(model[1].running_mean, data_model[1].running_mean)
+    assert int(model[1].num_batches_tracked) == 1
+    penalty_model = copy.deepcopy(data_model)
+    penalty = Curvature(penalty_model, alpha=ALPHA, batchnorm="frozen_stats").penalty_on(x[reg.last_subset], y[reg.last_subset])
+    want_pen = torch.autograd.grad(penalty, list(penalty_model.parameters()))
+    for p, d, h in zip(params, want_data, want_pen):
+        torch.testing.assert_close(p.grad, d + h)
 
 
 def _one_step(reg, model, x, y, loss_fn, tracked):

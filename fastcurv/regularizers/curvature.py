@@ -21,6 +21,7 @@ Two cheaper estimators of the same penalty (docs/METHODS.md section 1, "Cheap es
       reg = Curvature(model, alpha=1e-3, subsample=16)     # loss_fn: per-example cross-entropy by default
       loss = F.cross_entropy(model(x), y) + reg(x, y)
       loss.backward()
+      # or, the same gradient with each example forwarded once (cheaper): reg.backward(x, y)
 
 * ``Curvature(model, alpha, every=k)``: the penalty's gradient is computed on every k-th call and the
   stored gradient is reused unchanged on the ``k - 1`` calls between (no capture, no double backward
@@ -47,6 +48,28 @@ from fastcurv.regularizers.guard import PenaltyGuard
 from fastcurv.regularizers.norms import check_coefficient
 
 __all__ = ["Curvature"]
+
+
+@contextlib.contextmanager
+def _running_statistics_paused(model: nn.Module) -> Iterator[None]:
+    """The regularizer's own forward (``reg(x, y)``) leaves train-mode BatchNorm's running statistics
+    alone: the data loss's forward updates them once per step, and an in-place update here would also
+    invalidate that forward's saved tensors (autograd's version check) before its backward."""
+    paused = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.training and m.track_running_stats]
+    for m in paused:
+        m.track_running_stats = False  # batch statistics, running ones neither read nor updated
+    try:
+        yield
+    finally:
+        for m in paused:
+            m.track_running_stats = True
+
+
+def _uses_batch_statistics(model: nn.Module) -> bool:
+    """A BatchNorm normalizing by the batch's own statistics: splitting the batch would change them."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in model.modules())
 
 
 class Curvature:
@@ -185,17 +208,46 @@ class Curvature:
         """The whole step, adding to ``.grad`` as any backward does; returns the penalty value (detached).
 
         ``reg.backward(per_example)``: ``(per_example.mean() + reg(per_example)).backward()``.
-        ``reg.backward(x, y)``: ``(loss_fn(model(x), y).mean() + reg(x, y)).backward()``."""
+        ``reg.backward(x, y)``: ``(loss_fn(model(x), y).mean() + reg(x, y)).backward()``; with
+        ``subsample=b`` the same gradient at less cost, see :meth:`backward_with_loss`."""
         if len(batch) == 2:
-            x, y = batch
-            data_loss = self.loss_fn(self.model(x), y).mean()
-        elif len(batch) == 1:
-            data_loss = batch[0].mean()
-        else:
+            return self.backward_with_loss(*batch)[1]
+        if len(batch) != 1:
             raise TypeError(f"Curvature.backward: pass per_example or (x, y), got {len(batch)} arguments")
-        penalty = self(*batch)
-        (data_loss + penalty).backward()
+        penalty = self(batch[0])
+        (batch[0].mean() + penalty).backward()
         return penalty.detach()
+
+    def backward_with_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_fn(model(x), y).mean() + reg(x, y)).backward()``; returns ``(data loss, penalty)``, detached.
+
+        With ``subsample=b`` (on a computing call) the drawn examples' data loss comes from the
+        penalty's own captured forward and only the other ``B - b`` run a plain forward, so no example
+        is forwarded twice: about ``(B - b)/B`` of a plain step plus the penalty's share on ``b``
+        examples, instead of a whole plain step plus it. Same value and gradient up to summation
+        order. Not while a BatchNorm uses batch statistics (train mode): there the data loss must see
+        the whole batch's statistics, so it keeps its own forward on all ``B``."""
+        if self.subsample is None or self.subsample >= x.shape[0] or not self.computes_next or _uses_batch_statistics(self.model):
+            data_loss = self.loss_fn(self.model(x), y).mean()
+            penalty = self(x, y)
+            (data_loss + penalty).backward()
+            return data_loss.detach(), penalty.detach()
+        order = torch.randperm(x.shape[0], generator=self.generator).to(x.device)
+        drawn, rest = order[: self.subsample], order[self.subsample:]
+        self.last_subset = drawn
+        drawn_loss = {}
+
+        def compute():
+            with self.track():
+                out = self.model(x[drawn])
+            per_example = self.loss_fn(out, y[drawn])
+            drawn_loss["sum"] = per_example.sum()
+            return self.penalty_and_sqnorms(per_example)[0]
+
+        penalty = self._counted(compute)
+        data_loss = (drawn_loss["sum"] + self.loss_fn(self.model(x[rest]), y[rest]).sum()) / x.shape[0]
+        (data_loss + penalty).backward()
+        return data_loss.detach(), penalty.detach()
 
     # --------------------------------------------------------------------------------- internals
     def _penalty_of_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -212,7 +264,7 @@ class Curvature:
     def penalty_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``alpha * mean_i ||grad l_i||^2`` over exactly the examples ``(x, y)`` (its own tracked forward):
         the ``subsample`` estimate for a given subset (the tests average it over every subset)."""
-        with self.track() as cap:
+        with self.track() as cap, _running_statistics_paused(self.model):
             out = self.model(x)
         if cap is None:  # every=k reuse step: track() recorded nothing; penalty_on is only called to compute
             raise RuntimeError("Curvature.penalty_on: called on a step that reuses the stored gradient")

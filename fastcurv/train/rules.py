@@ -196,11 +196,10 @@ class Curvature(Rule):
         if not active:
             return super().step(x, y, optimizer, epoch, active=False)
         if self.hyper["subsample"] is not None:
-            # plain forward on all B for the data loss; the penalty's own captured forward on b of them
-            per_example = self.loss_fn(self.model(x), y)
-            loss = per_example.mean()
+            # the penalty's own captured forward on b examples also gives their data loss; the others
+            # run a plain forward (Curvature.backward_with_loss)
+            loss, _ = self.reg.backward_with_loss(x, y)
             _check_finite_loss(loss, self.name, epoch)
-            (loss + self.reg(x, y)).backward()
         else:
             with self.reg.track():  # with every=k, records nothing on the steps that reuse the stored gradient
                 out = self.model(x)
