@@ -85,9 +85,11 @@ def tables(results: dict, checkpoints: list[float]) -> str:
     rules = list(results["rules"])
     env = results["environment"]
     lines = [f"# Equal wall time: {results['dataset']['name']}", "",
-             f"Device: {env['device']}, {env['torch_threads']} torch thread(s), torch {env['torch']}; the 2-core "
-             "machine was shared with other sessions' jobs, so seconds are noisy (every rule ran each seed in "
-             f"turn). Budget {results['time_budget']:g} s of training steps per rule and seed, "
+             f"Device: {env['device']}, {env['torch_threads']} torch thread(s), torch {env['torch']}; "
+             f"{results.get('machine_note') or 'machine load not recorded'} (1-minute load average at the start "
+             f"and end: {results.get('load_average', ['?', '?'])[0]} and {results.get('load_average', ['?', '?'])[-1]}; "
+             "every rule ran each seed in turn, so a slow stretch falls on all of them). "
+             f"Budget {results['time_budget']:g} s of training steps per rule and seed, "
              f"{len(results['rules']['sgd']['runs'])} seeds, batch {results['batch_size']}; accuracies at smaller "
              "budgets are read off the same runs (constant learning rate).", "",
              "| rule | steps in budget | ms / step | " + " | ".join(f"test acc @ {t:g} s" for t in checkpoints) + " |",
@@ -132,11 +134,15 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=15.0, help="seconds of training steps per rule and seed")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="docs/flat-minima")
+    parser.add_argument("--machine-note", default="", help="what else ran on the machine (written into the tables)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     checkpoints = [args.budget / 3, 2 * args.budget / 3, args.budget]
     for protocol in args.protocols.split(","):
+        start_load = round(os.getloadavg()[0], 2)
         results = run(protocol, args.budget, args.seeds)
+        results["load_average"] = [start_load, round(os.getloadavg()[0], 2)]
+        results["machine_note"] = args.machine_note
         with open(os.path.join(args.out, f"{protocol}.json"), "w") as handle:
             json.dump(results, handle, indent=1, default=float)
         with open(os.path.join(args.out, f"{protocol}.md"), "w") as handle:
