@@ -7,6 +7,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fastcurv.train import fit, make_rule, per_example_loss
+from test_train import flat, unflatten  # the flat-parameter-vector helpers of the rules' references
 
 LR = 0.1
 
@@ -22,16 +23,6 @@ def batches(n_steps, n=8):
             for _ in range(n_steps)]
 
 
-def unflatten(model, theta):
-    out, i = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = theta[i:i + p.numel()].view_as(p)
-        i += p.numel()
-    return out
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def loss_at(model, theta, x, y):
