@@ -23,8 +23,6 @@ def batches(n_steps, n=8):
             for _ in range(n_steps)]
 
 
-
-
 def loss_at(model, theta, x, y):
     return per_example_loss("cross_entropy")(functional_call(model, unflatten(model, theta), (x,)), y).mean()
 
