@@ -99,13 +99,17 @@ class LayerScale2d(nn.Module):  # timm ConvNeXt: gamma reshaped to the channels
         return x.mul(self.gamma.reshape(1, -1, 1, 1))
 
 
-class BatchNormAct2d(nn.BatchNorm2d):  # timm: F.batch_norm then the activation
+class BatchNormAct2d(nn.BatchNorm2d):  # timm: F.batch_norm then the activation (in place as timm builds it)
+    def __init__(self, c, inplace=False):
+        super().__init__(c)
+        self.inplace = inplace
+
     def forward(self, x):
         bn_training = self.training or self.running_mean is None
         x = F.batch_norm(x, self.running_mean if not self.training or self.track_running_stats else None,
                          self.running_var if not self.training or self.track_running_stats else None,
                          self.weight, self.bias, bn_training, 0.1, self.eps)
-        return torch.relu(x)
+        return torch.relu_(x) if self.inplace else torch.relu(x)
 
 
 class PosEmbed(nn.Module):  # a learned position table added to a batched tensor
@@ -154,7 +158,8 @@ SEQ = {
     "conv1d_addmm": lambda: Conv1D(6, 6), "matmul": lambda: MatmulProj(6, 6), "linear_subclass": lambda: LinearTanh(6, 6),
     "pos_embed_add": lambda: PosEmbed(5, 6),
 }
-CONV = {"layernorm2d": lambda: LayerNorm2d(4), "layer_scale": lambda: LayerScale2d(4), "batchnorm_act_eval": lambda: BatchNormAct2d(4).eval()}
+CONV = {"layernorm2d": lambda: LayerNorm2d(4), "layer_scale": lambda: LayerScale2d(4), "batchnorm_act_eval": lambda: BatchNormAct2d(4).eval(),
+        "batchnorm_act_inplace_eval": lambda: BatchNormAct2d(4, inplace=True).eval()}
 
 
 def _losses(out, y):
@@ -187,6 +192,20 @@ def test_conv_modules_are_exact_on_fast_rules(case):
     assert fast_fraction(cap) == 1.0 and not cap.generic, cap.generic
 
 
+@pytest.mark.parametrize("case", ["layer_scale", "layernorm2d"])
+def test_functional_module_output_modified_in_place_afterwards(case):
+    """nn.ReLU(inplace=True) after a module served through its functional calls (torchvision's pattern
+    around a layer-scale or norm subclass): exact, and its per-example check compares with a fresh run."""
+    torch.manual_seed(0)
+    block = CONV[case]()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), block, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(100, 3))
+    x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
+    check_against_loop(model, lambda m: m(x), lambda out: _losses(out, y))
+    with capture(model) as cap:
+        model(x)
+    assert fast_fraction(cap) == 1.0 and not cap.generic, cap.generic
+
+
 @pytest.mark.parametrize("inner", ["scaled", "offset_positions"])
 def test_embedding_subclasses_are_exact_on_fast_rules(inner):
     torch.manual_seed(0)
@@ -202,9 +221,10 @@ def test_embedding_subclasses_are_exact_on_fast_rules(inner):
     assert fast_fraction(cap) == 1.0
 
 
-def test_batchnorm_subclass_in_train_mode_follows_the_batchnorm_option():
+@pytest.mark.parametrize("inplace", [False, True], ids=["activation", "inplace_activation"])
+def test_batchnorm_subclass_in_train_mode_follows_the_batchnorm_option(inplace):
     torch.manual_seed(0)
-    model = conv_model(BatchNormAct2d(4))
+    model = conv_model(BatchNormAct2d(4, inplace=inplace))
     x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
     with pytest.raises(RuntimeError, match=r"BatchNormAct2d.*batch statistics"):
         with capture(model):
@@ -383,7 +403,8 @@ def test_flattened_rows_of_another_layout_are_refused_with_the_fix():
         cap.per_example_sqnorms(_losses(out, y))
 
 
-def test_batchnorm_subclass_frozen_stats_keeps_its_own_forward():
+@pytest.mark.parametrize("inplace", [False, True], ids=["activation", "inplace_activation"])
+def test_batchnorm_subclass_frozen_stats_keeps_its_own_forward(inplace):
     """batchnorm="frozen_stats" on BatchNormAct2d: its forward runs as written (the activation too), only
     its F.batch_norm holds the batch statistics constant; against a loop over one full-batch forward with
     the statistics detached."""
@@ -401,7 +422,7 @@ def test_batchnorm_subclass_frozen_stats_keeps_its_own_forward():
             return func(*args, **kwargs)
 
     torch.manual_seed(0)
-    model = conv_model(BatchNormAct2d(4))
+    model = conv_model(BatchNormAct2d(4, inplace=inplace))
     x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
     params = [p for _, p in trainable(model)]
     with DetachedStats():

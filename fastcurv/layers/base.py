@@ -174,14 +174,18 @@ class CapturedLayer:
 
     def check_unchanged(self) -> None:
         for r in self.records:
-            inp_version, out_version = _versions(r.input, r.output)
-            if inp_version != r.versions[0] or (self.reads_output_values and out_version != r.versions[1]):
-                which = "input" if inp_version != r.versions[0] else "output"
-                raise RuntimeError(
-                    f"fastcurv.capture: the {which} of {describe(self.name, self.module)} was modified in place after "
-                    f"the module ran (e.g. `x.relu_()` or `x += ...` on its {which}); its rule needs the recorded "
-                    f"values, which are no longer the layer's. Make that operation out of place."
-                )
+            self._check_unchanged(r, self.reads_output_values)
+
+    def _check_unchanged(self, r: Record, output_too: bool) -> None:
+        """Refuses a record whose input (and, when ``output_too``, output) was modified in place since."""
+        inp_version, out_version = _versions(r.input, r.output)
+        if inp_version != r.versions[0] or (output_too and out_version != r.versions[1]):
+            which = "input" if inp_version != r.versions[0] else "output"
+            raise RuntimeError(
+                f"fastcurv.capture: the {which} of {describe(self.name, self.module)} was modified in place after "
+                f"the module ran (e.g. `x.relu_()` or `x += ...` on its {which}); its rule needs the recorded "
+                f"values, which are no longer the layer's. Make that operation out of place."
+            )
 
     # ------------------------------------------------------------------ argument checks
     def _deltas(self, deltas: Deltas) -> list[torch.Tensor]:

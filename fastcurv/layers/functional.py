@@ -21,6 +21,11 @@ leaves from one of its sites. Any other use (``torch.sigmoid(w)``, an in-place `
 unrecognized op) sends that parameter, and only that one, to the exact generic rule (a vmapped
 re-run of the module for that parameter), so the result stays exact whatever the forward does.
 
+In-place ops on a site's output later in the forward (timm's ``BatchNormAct2d``: an in-place SiLU /
+ReLU on its ``F.batch_norm`` result) are exact: each site keeps its output's autograd edge from the
+moment the call returned and its delta is taken there; the rules read the site's input, never its
+output's values.
+
 Rows: a site whose data input has the batch in dim 0 is used as is. One fed ``[B*T, ...]`` rows (HF
 ``Conv1D``: ``addmm(b, x.view(-1, d), W)``) is regrouped to ``[B, T, ...]`` when the rows are provably
 the module's batch-first input flattened (the same memory, contiguous) or its output is, else its
@@ -28,16 +33,17 @@ parameters take the generic rule."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from fastcurv.layers.base import CapturedLayer, Record, _versions, common_dtype, describe, first_input, rows
 from fastcurv.layers.embedding import EmbeddingLayer
-from fastcurv.layers.generic import GenericLayer, replaying
+from fastcurv.layers.generic import GenericLayer, replaying, replaying_context
 from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.norm import NormLayer, uses_batch_stats
 
@@ -97,10 +103,12 @@ class _Site:
     operands: dict  # role ("weight"/"bias") -> (_Derived, tensor as the call saw it)
     extra: tuple = ()  # hashable call details (eps, normalized shape, padding_idx, ...)
     saved: dict = field(default_factory=dict)  # call details that are tensors (running statistics)
-    # versions of (data, output) when the call ran: the module's forward may modify the output in place
-    # after it (timm's BatchNormAct2d: an in-place activation on the batch_norm result), which the rule,
-    # reading the output's values, must refuse
+    # versions of (data, output) when the call ran: the data must stay unmodified (the rules read it)
     versions: tuple = ()
+    # the output's autograd edge when the call ran: the delta is taken there, so an in-place op on the output
+    # later in the module's forward (timm's BatchNormAct2d: an in-place activation on the batch_norm result)
+    # does not change it; the rules read only the output's shape
+    edge: Any = None
 
 
 class _SiteMode(TorchFunctionMode):
@@ -164,7 +172,8 @@ class _SiteMode(TorchFunctionMode):
     def _add(self, kind, out, data, operands, extra=(), saved=None):
         operands = {role: op for role, op in operands.items() if op is not None}
         if operands and isinstance(data, torch.Tensor) and self.derived(data) is None:
-            self.sites.append(_Site(kind, out, data, operands, extra, saved or {}, versions=_versions(data, out)))
+            edge = get_gradient_edge(out) if out.requires_grad else None
+            self.sites.append(_Site(kind, out, data, operands, extra, saved or {}, versions=_versions(data, out), edge=edge))
 
     def _linear(self, out, x, w, b, transposed):
         if not isinstance(w, torch.Tensor) or w.ndim != 2 or (isinstance(b, torch.Tensor) and b.ndim != 1):
@@ -281,8 +290,9 @@ class FunctionalLayer(CapturedLayer):
 
     #: why the module has no registered rule (set by the capture; reported when some parameter stays generic)
     reason: str = ""
-    # the per-example re-run is compared with the recorded output, and the graph proof starts at the sites'
-    # outputs' grad_fn: an in-place op on them after the call would mislead both, so it is refused
+    # the generic part's re-run is compared with the module's recorded output: modified in place after the
+    # module ran, it is refused (check_unchanged); the sites' deltas are taken at their recorded autograd edges
+    # and their rules read only the site inputs, so an in-place op on a site's output is exact
     reads_output_values = True
 
     def __init__(self, name, module, params):
@@ -291,6 +301,7 @@ class FunctionalLayer(CapturedLayer):
         self._units: dict = {}
         self._generic = GenericLayer(name, module, params)
         self._generic_records: list[int] = []
+        self._site_records: set[int] = set()  # indices into records of the fast sites' records
         self._slow: dict[int, str] = {}  # param index -> the op that kept it off the fast rules
         self._pending: list = []  # the sites of the call that just ended, for record()
         self._regrouped: set = set()  # ids of site inputs regrouped from [B*T, ...] rows
@@ -325,6 +336,7 @@ class FunctionalLayer(CapturedLayer):
         self._units = {}
         self._generic.clear()
         self._generic_records = []
+        self._site_records = set()
         self._slow = {}
         self._regrouped = set()
         self._to_verify = None
@@ -339,6 +351,11 @@ class FunctionalLayer(CapturedLayer):
 
     def layout_is_ambiguous(self, inp, batch_size):
         return id(inp) not in self._regrouped and super().layout_is_ambiguous(inp, batch_size)
+
+    def check_unchanged(self) -> None:
+        """The site records need their inputs unmodified, not their outputs (see reads_output_values)."""
+        for k, r in enumerate(self.records):
+            self._check_unchanged(r, output_too=k not in self._site_records)
 
     # ------------------------------------------------------------------ recording
     def record(self, args, kwargs, output):
@@ -357,7 +374,7 @@ class FunctionalLayer(CapturedLayer):
                 self._add_site(s, B, per_example[id(s)])
         if self._verified_mode != self.module.training and self._to_verify is None and isinstance(output, torch.Tensor):
             inp = first_input(args, kwargs)
-            self._to_verify = Record(inp, output, args, kwargs)
+            self._to_verify = Record(inp, output, args, kwargs, versions=_versions(inp, output))
         if slow:
             self._slow.update({k: why for k, why in slow.items() if k not in self._slow})
             replacement = self._generic.record(args, kwargs, output)  # any output pytree, as the generic rule takes it
@@ -376,7 +393,8 @@ class FunctionalLayer(CapturedLayer):
         if per_example > 1:
             self._regrouped.add(id(s.data))
         unit.rule.records.append(Record(regroup(s.data), regroup(s.output.detach())))
-        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=s.versions))
+        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=s.versions, edge=s.edge))
+        self._site_records.add(len(self.records) - 1)
         unit.records.append(len(self.records) - 1)
 
     def _rule(self, s: _Site, roles: list) -> CapturedLayer:
@@ -405,6 +423,10 @@ class FunctionalLayer(CapturedLayer):
             return  # batch statistics: the capture's batchnorm= option already decided how examples interact
         if rec is not None and self._units:
             with torch.no_grad():
+                if _versions(rec.input, rec.output)[1] != rec.versions[1]:
+                    # the module's output was modified in place after it ran: compare with a fresh batched run
+                    with replaying_context():
+                        rec = Record(rec.input, self.module(*rec.args, **rec.kwargs), rec.args, rec.kwargs)
                 self._generic.replay(rec, {}, rec.input.shape[0])
             self._verified_mode = self.module.training
 
@@ -544,10 +566,11 @@ def _uncovered(params, sites, outputs, inputs) -> dict[int, str]:
     owners: dict = {}  # autograd node -> site indices it belongs to
     site_outputs = set()
     for j, s in enumerate(sites):
-        if s.output.grad_fn is None:
+        node = s.edge.node if s.edge is not None else None  # the call's own node, whatever modified its output since
+        if node is None:
             continue
-        site_outputs.add(s.output.grad_fn)
-        for node in _walk([s.output.grad_fn], {s.data.grad_fn} - {None}):
+        site_outputs.add(node)
+        for node in _walk([node], {s.data.grad_fn} - {None}):
             owners.setdefault(node, set()).add(j)
     slow: dict[int, str] = {}
     module_nodes = _walk([t.grad_fn for t in outputs], {t.grad_fn for t in inputs} - {None})

@@ -13,6 +13,8 @@ batch) or that is random (dropout inside it) gives a different output, and is re
 silently mis-counted."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -20,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastcurv.layers.base import CapturedLayer, describe
 
-__all__ = ["GenericLayer", "replaying"]
+__all__ = ["GenericLayer", "replaying", "replaying_context"]
 
 _replay = {"active": False}
 
@@ -28,6 +30,17 @@ _replay = {"active": False}
 def replaying() -> bool:
     """True while a generic rule re-runs a module (the capture's hooks must not record then)."""
     return _replay["active"]
+
+
+@contextlib.contextmanager
+def replaying_context():
+    """Runs a module's forward with the capture's hooks standing aside (they record nothing)."""
+    was = _replay["active"]
+    _replay["active"] = True
+    try:
+        yield
+    finally:
+        _replay["active"] = was
 
 
 class GenericLayer(CapturedLayer):
@@ -93,10 +106,9 @@ class GenericLayer(CapturedLayer):
             return torch.cat([leaf.movedim(dim, 0).reshape(-1) for leaf, dim in zip(leaves, pytree[1]) if dim is not None])
 
         in_dims = (0 if copies else None,) + tuple(0 if b else None for b in batched)
-        _replay["active"] = True
         try:
             # SDPA's math backend: the fused kernels have no double backward (penalties need one) nor a vmap rule
-            with sdpa_kernel(SDPBackend.MATH):
+            with replaying_context(), sdpa_kernel(SDPBackend.MATH):
                 out = vmap(one_example, in_dims=in_dims, randomness="different")(copies, *flat_args)
         except Exception as exc:  # vmap cannot batch some modules (in-place buffer updates, data-dependent control)
             raise RuntimeError(
@@ -104,8 +116,6 @@ class GenericLayer(CapturedLayer):
                 f"({type(exc).__name__}: {exc}). Give it a fast rule (fastcurv.layers.register), freeze it, or pass "
                 f"ignore=['{self.name}']."
             ) from exc
-        finally:
-            _replay["active"] = False
         ref = rec.output
         if out.shape != ref.shape or not torch.allclose(out.to(ref.dtype), ref.detach(), rtol=_rtol(ref), atol=_rtol(ref) * ref.detach().abs().max().clamp_min(1e-30).item()):
             raise RuntimeError(
