@@ -235,6 +235,71 @@ def test_batchnorm_frozen_stats_is_the_gradient_with_constant_statistics():
         torch.testing.assert_close(a, b.grad)
 
 
+class _ConvBNBlock(nn.Module):
+    """One conv -> BatchNorm2d -> in-place ReLU block and a linear head (torchvision's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3, 4)
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x)), inplace=True).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["frozen_stats", "exact"])
+def test_batchnorm_train_mode_penalty_gradient_against_torch_func(mode):
+    """The gradient of P = mean_i ||g_i||^2 with train-mode BatchNorm, against a functional reference
+    written out with torch.func (no capture, no autograd hooks) and central finite differences of P.
+    exact: g_i is grad l_i of the coupled batch. frozen_stats: g_i holds the batch statistics s constant,
+    but s = s(theta) is the batch's, so dP/dtheta includes (dP/ds)(ds/dtheta)."""
+    from torch.func import grad, jacrev
+
+    torch.manual_seed(0)
+    model = _ConvBNBlock().train()
+    B = 4
+    x, y = torch.randn(B, 2, 5, 5), torch.randint(0, 4, (B,))
+    names = [n for n, _ in model.named_parameters()]
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    shape = [1, -1, 1, 1]
+
+    def conv(th):
+        return F.conv2d(x, th["conv.weight"], th["conv.bias"], padding=1)
+
+    def batch_stats(th):
+        z = conv(th)
+        return z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+
+    def losses(th, stats):
+        mean, var = stats
+        h = (conv(th) - mean.view(shape)) / torch.sqrt(var.view(shape) + model.bn.eps)
+        h = F.relu(h * th["bn.weight"].view(shape) + th["bn.bias"].view(shape))
+        return F.cross_entropy(F.linear(h.mean((2, 3)), th["fc.weight"], th["fc.bias"]), y, reduction="none")
+
+    def penalty(th):
+        if mode == "exact":  # the statistics inside the differentiated function: coupled examples
+            J = jacrev(lambda t: losses(t, batch_stats(t)))(th)
+        else:  # differentiated with the statistics fixed at their value for th
+            s = batch_stats(th)
+            J = jacrev(lambda t: losses(t, s))(th)
+        return torch.cat([J[n].reshape(B, -1) for n in names], 1).square().sum(1).mean()
+
+    want = grad(penalty)(theta)
+    v = {n: torch.randn_like(t) for n, t in theta.items()}
+    eps = 1e-5
+    fd = (penalty({n: theta[n] + eps * v[n] for n in names}) - penalty({n: theta[n] - eps * v[n] for n in names})) / (2 * eps)
+    torch.testing.assert_close(sum((want[n] * v[n]).sum() for n in names), fd, rtol=1e-6, atol=1e-8)
+
+    with capture(model, batchnorm=mode) as cap:
+        out = model(x)
+    sq = cap.per_example_sqnorms(F.cross_entropy(out, y, reduction="none"), create_graph=True)
+    got = torch.autograd.grad(sq.mean(), list(model.parameters()))
+    for n, g in zip(names, got):
+        torch.testing.assert_close(g, want[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"penalty gradient of {n}: {m}")
+
+
 def test_batchnorm_default_refusal_names_both_options():
     model = _bn_net()
     with pytest.raises(RuntimeError, match=r"batchnorm='frozen_stats'.*batchnorm='exact'"):

@@ -1,7 +1,8 @@
 """Zoo models whose hot layers reach fast rules through subclasses and functional calls
 (fastcurv/layers/functional.py), flattened batches and broadcast position embeddings: small configs
 of OPT, HF GPT-2, Llama, Mistral, Qwen2, Gemma, Phi, T5's layer norm, BART's encoder embeddings,
-timm EfficientNet / MobileNet (BatchNormAct2d), timm ConvNeXt / ViT layer scale; each against the
+timm efficientnet_b0 / mobilenetv3_small_100 as built (BatchNormAct2d with its in-place activation, in eval
+and train mode), timm ConvNeXt layer scale; each against the
 float64 per-example loop with the harness of test_zoo_models.py, and at least 99% of the parameters on
 fast rules. ``python tests/test_zoo_functional.py`` prints the per-model table."""
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_zoo_models import INPLACE, TRAIN, ZooCase, check_case, check_refused, run_case, timm_model, token_ce  # noqa: E402
+from test_zoo_models import TRAIN, ZooCase, check_case, check_refused, run_case, timm_model, token_ce  # noqa: E402
 from thirdparty import import_transformers  # noqa: E402
 
 V, D, T, B = 29, 16, 6, 3
@@ -110,10 +111,12 @@ CASES = [
     ZooCase("HF Phi", _causal_lm("phi")),
     ZooCase("HF T5LayerNorm", _module_lm(_T5Norms)),
     ZooCase("HF BART encoder embeddings", _module_lm(_BartEncoderLM)),
-    # BatchNormAct2d itself is served (eval, frozen_stats, exact: test_functional_rules.py); these models are still
-    # refused for their in-place activations (the squeeze-excite's conv output), until in-place support lands
-    ZooCase("timm efficientnet_b0 (BatchNormAct2d)", timm_model("efficientnet_b0"), TRAIN, refused=INPLACE),
-    ZooCase("timm mobilenetv3_small_050 (BatchNormAct2d)", timm_model("mobilenetv3_small_050"), TRAIN, refused=INPLACE),
+    # as built at full width: BatchNormAct2d (F.batch_norm on its own parameters, then an in-place activation on
+    # that result: the site's delta is taken at the batch_norm call's own autograd edge), squeeze-excite
+    ZooCase("timm efficientnet_b0 (BatchNormAct2d, in-place SiLU)", timm_model("efficientnet_b0", drop_rate=0.0), TRAIN,
+            min_fast=1.0),
+    ZooCase("timm mobilenetv3_small_100 (BatchNormAct2d, hard-swish)", timm_model("mobilenetv3_small_100", drop_rate=0.0),
+            TRAIN, min_fast=1.0, penalty=False),  # torch has no double backward for Hardsigmoid: no penalty gradient at all
     ZooCase("timm convnext_atto (layer scale)", timm_model("convnext_atto", ls_init_value=0.5)),
     # timm vit_tiny with LayerScale: norms exact with 99.98% on fast rules (cls_token / pos_embed on the root), but the
     # penalty's double backward fails in timm's fused CPU SDPA (no derivative of its backward): not in this list yet

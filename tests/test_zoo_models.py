@@ -10,7 +10,8 @@ generic rule, named in ``Capture.generic``) and must reach ``min_fast``.
 
 The oracle: eval-mode models run one separate forward + backward per example; train-mode BatchNorm
 runs the full batch (``batchnorm="exact"``: ``grad l_i`` of the coupled batch; ``"frozen_stats"``:
-the same with every BatchNorm's batch statistics detached, i.e. held constant).
+the same with every BatchNorm's batch statistics held constant; the penalty's gradient then also has the
+term of the statistics' own dependence on the parameters, see :func:`oracle_penalty_gradient`).
 
 ``python tests/test_zoo_models.py`` prints the per-model table (exact?, fraction on fast rules).
 The libraries are optional test dependencies: a case skips when its library is absent."""
@@ -27,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from thirdparty import import_timm, import_torchvision, import_transformers  # noqa: E402
@@ -67,50 +69,92 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-@contextlib.contextmanager
-def _batch_statistics_held_constant(model):
-    """The frozen_stats oracle: every train-mode BatchNorm normalizes with its batch statistics detached."""
-    patched = []
-    for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training:
-            def forward(h, bn=bn):
+class _BatchStatistics(TorchFunctionMode):
+    """Every batch-statistics ``F.batch_norm`` (nn.BatchNorm's forward, and subclasses with their own
+    forward such as timm's BatchNormAct2d, whose activation still runs) written out: with ``given=None``
+    it normalizes with the batch statistics computed from its input, differentiably as BatchNorm does,
+    and keeps them in :attr:`stats` (mean, var per call, in call order); with ``given`` it normalizes
+    with the given tensors instead (the frozen_stats oracle: leaves, so constants of each ``grad l_i``).
+    Running statistics are not updated (they do not enter a train-mode output)."""
+
+    _ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+    def __init__(self, given=None):
+        super().__init__()
+        self.given, self.stats = given, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            call = dict(zip(self._ARGS, args), **kwargs)
+            if call.get("training", False):
+                h, w, b, eps = call["input"], call.get("weight"), call.get("bias"), call.get("eps", 1e-5)
                 dims = [d for d in range(h.ndim) if d != 1]
+                if self.given is None:
+                    mean, var = h.mean(dims), h.var(dims, unbiased=False)
+                else:
+                    mean, var = self.given[len(self.stats)], self.given[len(self.stats) + 1]
+                self.stats += [mean, var]
                 shape = [1, -1] + [1] * (h.ndim - 2)
-                mean = h.mean(dims, keepdim=True).detach()
-                var = h.var(dims, unbiased=False, keepdim=True).detach()
-                y = (h - mean) / torch.sqrt(var + bn.eps)
-                return y * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else y
-            bn.forward = forward
-            patched.append(bn)
-    try:
-        yield
-    finally:
-        for bn in patched:
-            del bn.forward
+                y = (h - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+                if w is not None:
+                    y = y * w.view(shape)
+                return y if b is None else y + b.view(shape)
+        return func(*args, **kwargs)
 
 
-def _oracle_rows(model, inputs, losses_fn, mode, create_graph):
-    """``[B, P]`` per-example gradients (flattened, model order) from the float64 loop."""
+def _flat(grads, params):
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+
+
+def _oracle_rows(model, inputs, losses_fn, mode, create_graph, stats_out=None):
+    """``[B, P]`` per-example gradients (flattened, model order) from the float64 loop. frozen_stats with
+    ``stats_out`` (a list): appends the batch statistics as functions of the parameters, then their leaves."""
     params = _trainable(model)
-
-    def flat(grads):
-        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
-
     B = next(iter(inputs.values())).shape[0]
     if mode == "eval":  # one separate forward + backward per example
         rows = []
         for i in range(B):
             one = _example(inputs, i)
             loss = losses_fn(model(**one), one)[0]
-            rows.append(flat(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)))
+            rows.append(_flat(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True), params))
         return torch.stack(rows)
-    held = _batch_statistics_held_constant(model) if mode == "frozen_stats" else contextlib.nullcontext()
+    held = contextlib.nullcontext()
+    if mode == "frozen_stats":  # the statistics this batch gives, then a forward normalizing with them as constants
+        with _BatchStatistics() as actual:
+            model(**inputs)
+        leaves = [s.detach().requires_grad_(create_graph) for s in actual.stats]
+        held = _BatchStatistics(given=leaves)
+        if stats_out is not None:
+            stats_out += [actual.stats, leaves]
     with held:
         losses = losses_fn(model(**inputs), inputs)
     return torch.stack([
-        flat(torch.autograd.grad(losses[i], params, retain_graph=True, create_graph=create_graph, allow_unused=True))
+        _flat(torch.autograd.grad(losses[i], params, retain_graph=True, create_graph=create_graph, allow_unused=True), params)
         for i in range(B)
     ])
+
+
+def oracle_penalty_gradient(model, inputs, losses_fn, mode) -> list[torch.Tensor]:
+    """The gradient of ``P = mean_i ||grad l_i||^2`` w.r.t. the trainable parameters, from the loop.
+
+    frozen_stats: ``grad l_i`` holds the batch statistics ``s`` constant, but ``s = s(theta)`` is still
+    the batch's, so ``P(theta) = P~(theta, s(theta))`` and its gradient is
+    ``dP~/dtheta + (dP~/ds) ds/dtheta``: the loop's leaves give both partials, and one vector-Jacobian
+    product of the statistics (from a plain forward) the second term. (Detaching the statistics in the
+    forward drops that term; checked against torch.func and finite differences on a toy.)"""
+    params = _trainable(model)
+    stats: list = []
+    P = _oracle_rows(model, inputs, losses_fn, mode, create_graph=True, stats_out=stats).square().sum(1).mean()
+    if mode != "frozen_stats":
+        grads = torch.autograd.grad(P, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    actual, leaves = stats
+    grads = torch.autograd.grad(P, params + leaves, allow_unused=True)
+    direct, through = grads[:len(params)], [torch.zeros_like(s) if g is None else g for g, s in zip(grads[len(params):], leaves)]
+    via_stats = torch.autograd.grad(actual, params, grad_outputs=through, allow_unused=True)
+    return [sum(g for g in (a, b) if g is not None) if (a is not None or b is not None) else torch.zeros_like(p)
+            for a, b, p in zip(direct, via_stats, params)]
 
 
 def fast_fraction(model, cap) -> float:
@@ -144,17 +188,17 @@ def run_case(case: ZooCase, mode: str, penalty: bool = True) -> float:
     G = _oracle_rows(model, inputs, losses_fn, mode, create_graph=False)
     torch.testing.assert_close(sq, G.square().sum(1), **tol)
     torch.testing.assert_close(gram, G @ G.T, **tol)
-    # the penalty gradient is checked in eval mode only: in train mode (frozen_stats, exact) the two sides
-    # did not agree on densenet/resnet18 and this is not resolved yet (see the report of issue 16)
-    if penalty and case.penalty and mode == "eval":
+    if penalty and case.penalty:
         got = torch.autograd.grad(cap.per_example_sqnorms(losses, create_graph=True).mean(), params, allow_unused=True)
-        want = torch.autograd.grad(_oracle_rows(model, inputs, losses_fn, mode, create_graph=True).square().sum(1).mean(),
-                                   params, allow_unused=True)
+        want = oracle_penalty_gradient(model, inputs, losses_fn, mode)
+        # float64 rounding of the largest terms reaches every parameter: the tolerance is relative to the largest
+        # entry of the whole gradient (train-mode BatchNorm over 3 examples at 1x1 maps gives entries ~1e17)
+        scale = max(float(w.abs().max()) for w in want)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         for name, g, w, p in zip(names, got, want, params):
             g = torch.zeros_like(p) if g is None else g
-            w = torch.zeros_like(p) if w is None else w
-            torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6, msg=lambda m, name=name: f"penalty gradient of {name}: {m}")
+            torch.testing.assert_close(g, w, atol=1e-8 * max(scale, 1.0), rtol=1e-6,
+                                       msg=lambda m, name=name: f"penalty gradient of {name}: {m}")
     fraction = fast_fraction(model, cap)
     cap.clear()
     return fraction
@@ -260,7 +304,6 @@ class _Seq2Seq(nn.Module):
 
 
 TRAIN = ("eval", "frozen_stats", "exact")
-INPLACE = r"modified in place"  # the message of a refused in-place modification
 
 def tv_efficientnet_b0_narrow(**kw):
     """efficientnet_b0's own configuration builder at width 0.25, depth 0.5 (the same block types)."""
@@ -286,10 +329,9 @@ def tv_builder(make, size=32, B=3, **kw):
 
 CASES = [
     # as built at full width (11M parameters: the slowest case here)
-    ZooCase("torchvision resnet18", torchvision_model("resnet18"), TRAIN, penalty=False),
+    ZooCase("torchvision resnet18", torchvision_model("resnet18"), TRAIN),
     ZooCase("torchvision densenet121 (growth 4)", torchvision_model("DenseNet", block_config=(6, 12, 24, 16),
-                                                                  growth_rate=4, num_init_features=8, bn_size=2), TRAIN,
-            penalty=False),
+                                                                  growth_rate=4, num_init_features=8, bn_size=2), TRAIN),
     ZooCase("torchvision efficientnet_b0 (width 0.25, depth 0.5)",
             tv_builder(tv_efficientnet_b0_narrow, dropout=0.0, stochastic_depth_prob=0.0), TRAIN),
     ZooCase("torchvision mobilenet_v3_small (width 0.25)",
