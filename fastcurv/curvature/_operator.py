@@ -7,7 +7,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["CurvatureOperator", "as_operator", "resolve_params", "BatchSource", "check_fixed_function",
+__all__ = ["CurvatureOperator", "ModelOperator", "as_operator", "resolve_params", "BatchSource", "check_fixed_function",
            "ParameterSnapshot", "refuse_wrappers", "scalar_loss", "backward_columns"]
 
 
@@ -307,6 +307,59 @@ class BatchSource:
             yield _to(x, self.device), _to(y, self.device), n
         if total == 0:
             raise ValueError(f"{self.what}: data holds no examples")
+
+
+class ModelOperator(CurvatureOperator):
+    """The curvature of ``loss_fn(model(x), y)`` over ``data``: the constructor arguments and checks that
+    :class:`~fastcurv.curvature.Hessian`, :class:`~fastcurv.curvature.GGN` and
+    :class:`~fastcurv.curvature.EmpiricalFisher` share, a per-batch graph cache and the weighted sum over batches.
+
+    ``loss_reduction``: ``"mean"`` or ``"sum"`` (how ``loss_fn`` reduces a batch), or ``None`` for an operator
+    that builds its own per-example losses. ``cache_graph``: keep per-batch state between products (default: on
+    for a single batch, off for several); it is dropped when a parameter changed in any way
+    (:class:`ParameterSnapshot`).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, data, params, *, allow_train_mode: bool,
+                 loss_reduction: str | None = None, cache_graph: bool | None = None):
+        if loss_reduction is not None and loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"{self.name}: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        check_fixed_function(model, allow_train_mode, self.name)
+        self.param_names, self.params = resolve_params(model, params)
+        super().__init__(sum(p.numel() for p in self.params), self.params[0].dtype, self.params[0].device)
+        self.model, self.loss_fn, self.loss_reduction = model, loss_fn, loss_reduction
+        self.data = BatchSource(data, self.device, self.name)
+        self.cache_graph = (self.data.num_batches() == 1) if cache_graph is None else bool(cache_graph)
+        self._graphs: dict[int, object] = {}  # batch index -> what build() returned for it
+        self._graphs_snapshot: ParameterSnapshot | None = None  # the parameters the graphs were built at
+
+    def _cached(self, index: int, build):
+        """``build()``'s result for batch ``index``, kept between products when ``cache_graph``."""
+        if index in self._graphs:
+            return self._graphs[index]
+        item = build()
+        if self.cache_graph:
+            if not self._graphs:
+                self._graphs_snapshot = ParameterSnapshot(self.params)
+            self._graphs[index] = item
+        return item
+
+    def _sum_over_batches(self, V: torch.Tensor, product) -> torch.Tensor:
+        """``sum_b w_b product(index, x_b, y_b, blocks)`` over the batches, ``w_b = n_b / N`` for a mean-reduced
+        loss (the curvature of the mean over all ``N`` examples, whatever the batch sizes) and ``1 / N`` for
+        a summed one; ``product`` returns one ``[K, *p.shape]`` block per parameter (None = zero)."""
+        if self._graphs and not self._graphs_snapshot.matches(self.params):
+            self._graphs.clear()  # parameters changed since the graphs were built: they are stale
+        K = V.shape[1]
+        blocks = split_columns(V, self.params)
+        total, count = None, 0
+        for index, (x, y, n) in enumerate(self.data):
+            weight = float(n) if self.loss_reduction == "mean" else 1.0
+            # In place on join_columns' fresh output: no [P, K] temporaries per product.
+            part = join_columns(product(index, x, y, blocks), self.params, K)
+            total = part.mul_(weight) if total is None else total.add_(part, alpha=weight)
+            count += n
+        return total.div_(count)
 
 
 def scalar_loss(loss_fn, output, y, what: str) -> torch.Tensor:

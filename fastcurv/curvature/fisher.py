@@ -10,15 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastcurv.curvature._operator import (
-    BatchSource,
-    CurvatureOperator,
-    ParameterSnapshot,
-    check_fixed_function,
-    join_columns,
-    resolve_params,
-    split_columns,
-)
+from fastcurv.curvature._operator import ModelOperator, ParameterSnapshot, join_columns, split_columns
 
 __all__ = ["EmpiricalFisher", "per_example_loss_fn"]
 
@@ -43,7 +35,7 @@ def per_example_loss_fn(loss_fn: Callable, what: str = "EmpiricalFisher") -> Cal
     )
 
 
-class EmpiricalFisher(CurvatureOperator):
+class EmpiricalFisher(ModelOperator):
     """``F = (1/N) sum_i g_i g_i^T`` over all examples of ``data``, ``g_i = grad_theta l_i``.
 
     Same interface as :class:`~fastcurv.curvature.Hessian`. ``l_i`` is example ``i``'s loss:
@@ -78,12 +70,8 @@ class EmpiricalFisher(CurvatureOperator):
         cache: bool = False,
         allow_train_mode: bool = False,
     ):
-        check_fixed_function(model, allow_train_mode, "EmpiricalFisher")
-        self.param_names, self.params = resolve_params(model, params)
-        super().__init__(sum(p.numel() for p in self.params), self.params[0].dtype, self.params[0].device)
-        self.model = model
+        super().__init__(model, loss_fn, data, params, allow_train_mode=allow_train_mode)
         self.per_example_loss = per_example_loss_fn(loss_fn)
-        self.data = BatchSource(data, self.device, "EmpiricalFisher")
         self.cache = cache
         self._cached: list | None = None
         self._cached_snapshot: ParameterSnapshot | None = None  # the parameters the cache was filled at

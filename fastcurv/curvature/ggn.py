@@ -9,17 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcurv.curvature._operator import (
-    BatchSource,
-    CurvatureOperator,
-    ParameterSnapshot,
-    backward_columns,
-    check_fixed_function,
-    join_columns,
-    resolve_params,
-    scalar_loss,
-    split_columns,
-)
+from fastcurv.curvature._operator import ModelOperator, backward_columns, scalar_loss
 
 __all__ = ["GGN", "output_hessian"]
 
@@ -73,7 +63,7 @@ def output_hessian(loss_fn, output: torch.Tensor, y) -> Callable[[torch.Tensor],
     return autograd_hessian
 
 
-class GGN(CurvatureOperator):
+class GGN(ModelOperator):
     """``G = sum_b (n_b / N) J_b^T H_b J_b`` over the batches of ``data``: ``J_b`` the Jacobian of the
     network's output on batch ``b`` w.r.t. the parameters, ``H_b`` the Hessian of ``loss_fn(output, y)``
     w.r.t. that output. For a convex loss of the output (cross-entropy, MSE) ``G`` is positive
@@ -106,31 +96,15 @@ class GGN(CurvatureOperator):
         allow_train_mode: bool = False,
         cache_graph: bool | None = None,
     ):
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"GGN: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        check_fixed_function(model, allow_train_mode, "GGN")
-        self.param_names, self.params = resolve_params(model, params)
-        super().__init__(sum(p.numel() for p in self.params), self.params[0].dtype, self.params[0].device)
-        self.model, self.loss_fn, self.loss_reduction = model, loss_fn, loss_reduction
-        self.data = BatchSource(data, self.device, "GGN")
-        self.cache_graph = (self.data.num_batches() == 1) if cache_graph is None else bool(cache_graph)
-        self._graphs: dict[int, tuple] = {}  # batch index -> (output with graph, loss Hessian)
-        self._graphs_snapshot: ParameterSnapshot | None = None
+        super().__init__(model, loss_fn, data, params, allow_train_mode=allow_train_mode,
+                         loss_reduction=loss_reduction, cache_graph=cache_graph)
 
-    def _output_and_hessian(self, index, x, y):
-        cached = self._graphs.get(index)
-        if cached is not None:
-            return cached
+    def _output_and_hessian(self, x, y):
         with torch.enable_grad():
             output = self.model(x)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"GGN: the model must return one tensor (the network's output), got {type(output).__name__}")
-        item = (output, output_hessian(self.loss_fn, output, y))
-        if self.cache_graph:
-            if not self._graphs:
-                self._graphs_snapshot = ParameterSnapshot(self.params)
-            self._graphs[index] = item
-        return item
+        return output, output_hessian(self.loss_fn, output, y)
 
     def _jacobian_columns(self, x, blocks) -> torch.Tensor:
         """``J V`` as ``[K, *output.shape]``, forward mode, vmapped over the K columns."""
@@ -145,20 +119,11 @@ class GGN(CurvatureOperator):
         return vmap(lambda *tangents: jvp(output_of, primals, tangents)[1])(*blocks)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        if self._graphs and not self._graphs_snapshot.matches(self.params):
-            self._graphs.clear()  # parameters changed since the graphs were built
-        K = V.shape[1]
-        blocks = split_columns(V, self.params)
-        total, count = None, 0
-        for index, (x, y, n) in enumerate(self.data):
-            weight = float(n) if self.loss_reduction == "mean" else 1.0
-            output, loss_hessian = self._output_and_hessian(index, x, y)
-            if not output.requires_grad:  # the output does not depend on the parameters
-                gv = [None] * len(self.params)
-            else:
-                JV = self._jacobian_columns(x, blocks)
-                gv = backward_columns([output], self.params, [loss_hessian(JV)], self.cache_graph)
-            gv = join_columns(gv, self.params, K)
-            total = gv.mul_(weight) if total is None else total.add_(gv, alpha=weight)
-            count += n
-        return total.div_(count)
+        return self._sum_over_batches(V, self._batch_product)
+
+    def _batch_product(self, index, x, y, blocks):
+        output, loss_hessian = self._cached(index, lambda: self._output_and_hessian(x, y))
+        if not output.requires_grad:  # the output does not depend on the parameters
+            return [None] * len(self.params)
+        JV = self._jacobian_columns(x, blocks)
+        return backward_columns([output], self.params, [loss_hessian(JV)], self.cache_graph)

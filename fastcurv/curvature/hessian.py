@@ -6,24 +6,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastcurv.curvature._operator import (
-    BatchSource,
-    CurvatureOperator,
-    ParameterSnapshot,
-    backward_columns,
-    check_fixed_function,
-    join_columns,
-    resolve_params,
-    scalar_loss,
-    split_columns,
-)
+from fastcurv.curvature._operator import ModelOperator, backward_columns, scalar_loss
 
 __all__ = ["Hessian", "HVP_METHODS"]
 
 HVP_METHODS = ("double_backward", "forward_over_reverse")
 
 
-class Hessian(CurvatureOperator):
+class Hessian(ModelOperator):
     """``H = d^2/dtheta^2 [ (1/N) sum_i l_i(theta) ]`` over all examples of ``data``.
 
     Args:
@@ -75,60 +65,32 @@ class Hessian(CurvatureOperator):
         allow_train_mode: bool = False,
         cache_graph: bool | None = None,
     ):
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"Hessian: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if method not in HVP_METHODS:
             raise ValueError(f"Hessian: method must be one of {HVP_METHODS}, got {method!r}")
-        check_fixed_function(model, allow_train_mode, "Hessian")
-        self.param_names, self.params = resolve_params(model, params)
-        super().__init__(sum(p.numel() for p in self.params), self.params[0].dtype, self.params[0].device)
-        self.model, self.loss_fn = model, loss_fn
-        self.loss_reduction, self.method = loss_reduction, method
-        self.data = BatchSource(data, self.device, "Hessian")
-        self.cache_graph = (self.data.num_batches() == 1) if cache_graph is None else bool(cache_graph)
-        self._graphs: dict[int, tuple] = {}  # batch index -> (grads, live)
-        self._graphs_snapshot: ParameterSnapshot | None = None  # the parameters the graphs were built at
+        super().__init__(model, loss_fn, data, params, allow_train_mode=allow_train_mode,
+                         loss_reduction=loss_reduction, cache_graph=cache_graph)
+        self.method = method
 
     # -------------------------------------------------------------------------------------------
     def _batch_loss(self, output, y) -> torch.Tensor:
         return scalar_loss(self.loss_fn, output, y, "Hessian")
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        if self._graphs and not self._graphs_snapshot.matches(self.params):
-            self._graphs.clear()  # parameters changed since the graphs were built: they are stale
-        K = V.shape[1]
-        blocks = split_columns(V, self.params)
-        total, count = None, 0
-        for index, (x, y, n) in enumerate(self.data):
-            weight = float(n) if self.loss_reduction == "mean" else 1.0
-            if self.method == "double_backward":
-                hv = self._double_backward(index, x, y, blocks)
-            else:
-                hv = self._forward_over_reverse(x, y, blocks)
-            # In place on join_columns' fresh output: no [P, K] temporaries per product.
-            hv = join_columns(hv, self.params, K)
-            total = hv.mul_(weight) if total is None else total.add_(hv, alpha=weight)
-            count += n
-        return total.div_(count)
+        if self.method == "double_backward":
+            return self._sum_over_batches(V, self._double_backward)
+        return self._sum_over_batches(V, lambda index, x, y, blocks: self._forward_over_reverse(x, y, blocks))
 
-    def _gradient_graph(self, index, x, y):
-        cached = self._graphs.get(index)
-        if cached is not None:
-            return cached
+    def _gradient_graph(self, x, y):
         with torch.enable_grad():
             loss = self._batch_loss(self.model(x), y)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         # A gradient that does not depend on the parameters (unused, or loss linear in them) has a
         # zero Hessian row block; autograd refuses to differentiate it, so leave it out.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if self.cache_graph:
-            if not self._graphs:
-                self._graphs_snapshot = ParameterSnapshot(self.params)
-            self._graphs[index] = (grads, live)
         return grads, live
 
     def _double_backward(self, index, x, y, blocks):
-        grads, live = self._gradient_graph(index, x, y)
+        grads, live = self._cached(index, lambda: self._gradient_graph(x, y))
         if not live:
             return [None] * len(self.params)
         return backward_columns([grads[i] for i in live], self.params, [blocks[i] for i in live], self.cache_graph)
