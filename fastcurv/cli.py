@@ -195,6 +195,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--logdet-trials", type=int, default=10, help="random subsets averaged (default 10)")
     sh.add_argument("--density", default=None, metavar="PNG",
                     help="also write the Hessian's spectral density (SLQ, log scale) to this image file")
+    sh.add_argument("--data-batches", type=int, default=None, metavar="R",
+                    help="also measure the top eigenvalue and trace on R disjoint batches of --samples training "
+                         "examples each: mean ± standard error over batches, their spread and range")
 
     from fastcurv.reproduce.cli import add_parser as add_reproduce_parser
 
@@ -540,8 +543,8 @@ def _cmd_sharpness(args) -> int:
     from fastcurv.train import load_checkpoint, per_example_loss
 
     for flag, value in (("--samples", args.samples), ("--logdet-subset", args.logdet_subset),
-                        ("--logdet-trials", args.logdet_trials)):
-        if value < 1:
+                        ("--logdet-trials", args.logdet_trials), ("--data-batches", args.data_batches)):
+        if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     state = load_checkpoint(args.checkpoint)
     spec = state.get("model_spec")
@@ -570,8 +573,31 @@ def _cmd_sharpness(args) -> int:
         density.plot(args.density, title=f"Hessian spectral density, {os.path.basename(args.checkpoint)} "
                                          f"({x.shape[0]} examples, 8 probes)")
         lines.append(f"{'Hessian spectral density (SLQ)':<40}written to {args.density}")
+    if args.data_batches:
+        lines.extend(_data_batches_lines(model, data.x_train, data.y_train, loss_fn, args.data_batches, x.shape[0]))
     print("\n".join(lines))
     return 0
+
+
+def _data_batches_lines(model, x_all, y_all, loss_fn, num_batches: int, examples: int) -> list[str]:
+    """The top eigenvalue and trace over ``num_batches`` disjoint batches of ``examples`` training examples."""
+    from fastcurv.curvature import Hessian, over_batches
+
+    if num_batches * examples > x_all.shape[0]:
+        raise UsageError(f"--data-batches {num_batches} with --samples {examples} needs {num_batches * examples} "
+                         f"training examples; the data set has {x_all.shape[0]} (lower --samples or --data-batches)")
+    mean_loss = lambda out, target: loss_fn(out, target).mean()  # noqa: E731
+    make = lambda batch: Hessian(model, mean_loss, batch)  # noqa: E731
+    pair = (x_all[: num_batches * examples], y_all[: num_batches * examples])
+    lines = [f"over {num_batches} disjoint batches of {examples} examples (mean ± standard error over batches; "
+             "std: one batch's spread):"]
+    for label, estimate in (("top Hessian eigenvalue", over_batches(make, pair, "top_eigenvalues", num_batches=num_batches,
+                                                                    tol=1e-4)),
+                            ("Hessian trace", over_batches(make, pair, "trace", num_batches=num_batches, num_probes=64))):
+        mean, se, sd = estimate.mean.item(), estimate.stderr.item(), estimate.std.item()
+        lines.append(f"  {label:<38}{mean:.6g} ± {se:.2g} (std {sd:.2g}, range {estimate.min.item():.6g} .. "
+                     f"{estimate.max.item():.6g})")
+    return lines
 
 
 def _metrics_lines(model, x, y, loss_fn, task, logdet_subset: int, logdet_trials: int) -> list[str]:

@@ -127,6 +127,7 @@ def test_bad_input(args, message, capsys, tmp_path):
     (["compare", "--width", "-4"], "--width must be an integer >= 1, got -4"),
     (["sharpness", "--samples", "0"], "--samples must be >= 1, got 0"),
     (["sharpness", "--logdet-trials", "0"], "--logdet-trials must be >= 1, got 0"),
+    (["sharpness", "--data-batches", "0"], "--data-batches must be >= 1, got 0"),
 ])
 def test_every_bad_flag_is_one_line_naming_the_flag_before_training(args, message, capsys, tmp_path):
     """Exit 2, one line on stderr naming the flag, and nothing trained or written."""
@@ -207,6 +208,13 @@ def test_train_resume_and_sharpness(tmp_path, capsys):
     plot = tmp_path / "density.png"
     assert main(["sharpness", ckpt, "--samples", "12", "--density", str(plot)]) == 0
     assert "spectral density" in capsys.readouterr().out and plot.stat().st_size > 1000
+    assert main(["sharpness", ckpt, "--samples", "4", "--data-batches", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "over 3 disjoint batches of 4 examples" in out
+    rows = [line for line in out.splitlines() if line.startswith("  top Hessian eigenvalue") or line.startswith("  Hessian trace")]
+    assert len(rows) == 2 and all("± " in r and "range" in r for r in rows), out
+    assert main(["sharpness", ckpt, "--samples", "5", "--data-batches", "3"]) == 2
+    assert "needs 15 training examples; the data set has 12" in capsys.readouterr().err
 
 
 def test_sharpness_of_foreign_file(tmp_path, capsys):
