@@ -360,6 +360,13 @@ class Capture:
         examples do not interact); the graph is retained so the caller can still backpropagate.
         ``create_graph=True`` makes the deltas differentiable (for penalties on the norms).
         """
+        return self._deltas(losses, create_graph)[0]
+
+    def _deltas(self, losses: torch.Tensor, create_graph: bool, wrt=()) -> tuple[list, list]:
+        """:meth:`deltas`, and the gradient of ``losses.sum()`` w.r.t. the tensors ``wrt`` (None where unused)
+        from the same backward: with ``wrt`` = the parameters, the whole data gradient for the cost of one."""
+        wrt = list(wrt)
+        extra: list = [None] * len(wrt)
         self._check_losses(losses)
         if self._coupled:
             raise RuntimeError(
@@ -377,12 +384,17 @@ class Capture:
             if live:
                 try:
                     grads = torch.autograd.grad(
-                        losses.sum(), [r.edge for r in live], create_graph=create_graph, retain_graph=True,
+                        losses.sum(), [r.edge for r in live] + wrt, create_graph=create_graph, retain_graph=True,
                         allow_unused=True,
                     )
                 finally:
                     for _, probe in probes:
                         probe.remove()
+                grads, extra = grads[:len(live)], list(grads[len(live):])
+            elif wrt:
+                extra = list(torch.autograd.grad(losses.sum(), wrt, create_graph=create_graph, retain_graph=True,
+                                                 allow_unused=True))
+            if live:
                 found.update({id(r): g for r, g in zip(live, grads) if g is not None and not r.shared})
             for r, probe in probes:
                 delta = _broadcast_delta(probe.delta, r.output, self.batch_size)
@@ -437,7 +449,7 @@ class Capture:
                     d = d.reshape(B, r.rows_per_example, *d.shape[1:])
                 ds.append(d)
             out.append(ds[0] if len(ds) == 1 else ds)
-        return out
+        return out, extra
 
     def _check_losses(self, losses) -> None:
         if _trainable_flags(self.model) != self._flags:
@@ -637,12 +649,29 @@ class Capture:
                     layer.name: sum(rows(grads[id(p)]).square().sum(1) for _, p in layer.params)
                     for layer in self.layers
                 }
-            deltas = self.deltas(losses, create_graph=create_graph)
-            result = {layer.name: layer.sqnorm(d) for layer, d in zip(self.layers, deltas)}
-            for pid, uses in self._shared.items():
-                name = uses[0][0].params[uses[0][1]][0]
-                result[f"shared:{name}"] = self._cross_terms(uses, deltas, gram=False)
-            return result
+            return self._sqnorms_by_layer(self.deltas(losses, create_graph=create_graph))
+
+    def _sqnorms_by_layer(self, deltas) -> dict[str, torch.Tensor]:
+        result = {layer.name: layer.sqnorm(d) for layer, d in zip(self.layers, deltas)}
+        for uses in self._shared.values():
+            name = uses[0][0].params[uses[0][1]][0]
+            result[f"shared:{name}"] = self._cross_terms(uses, deltas, gram=False)
+        return result
+
+    def per_example_sqnorms_and_gradient(self, losses: torch.Tensor, params) -> tuple[dict[str, torch.Tensor], list]:
+        """:meth:`per_example_sqnorms_by_layer` (detached) and the gradient of ``losses.sum()`` w.r.t. ``params``
+        (None where unused) from one backward, the one a training step makes anyway: per-example statistics of
+        a step at almost no extra cost. The graph is retained (a penalty can still be backpropagated)."""
+        params = list(params)
+        with torch.no_grad():
+            if self._coupled:
+                per_example = self._exact_per_example_grads(losses, False)
+                by_id = dict(zip((id(p) for _, p in self.params), per_example))
+                by_layer = {layer.name: sum(rows(by_id[id(p)]).square().sum(1) for _, p in layer.params)
+                            for layer in self.layers}
+                return by_layer, [by_id[id(p)].sum(0) if id(p) in by_id else None for p in params]
+            deltas, grads = self._deltas(losses, False, params)
+            return self._sqnorms_by_layer(deltas), [g if g is None else g.detach() for g in grads]
 
     def per_example_sqnorms(self, losses: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         """``[B]``: ``||grad_theta l_i||^2`` over every captured parameter requiring grad.

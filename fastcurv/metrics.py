@@ -31,6 +31,7 @@ __all__ = [
     "top_hessian_eigenvalue",
     "SingularGramError",
     "gradient_noise_scale",
+    "GradientStatistics",
     "grand_scores",
     "el2n_scores",
 ]
@@ -291,13 +292,102 @@ def _per_example_losses(model, loss_fn, x, y, what):
     return losses.reshape(x.shape[0], -1).mean(1)
 
 
+class GradientStatistics:
+    """Running sums behind :func:`gradient_noise_scale` and the GraNd summary, batch by batch: what
+    :func:`gradient_noise_scale` computes over a data set and ``fit(statistics=...)`` over an epoch's steps.
+
+    :meth:`add` takes one batch's per-example squared norms by layer and the gradient of the batch's summed
+    loss, as :meth:`fastcurv.capture.Capture.per_example_sqnorms_and_gradient` returns them (one backward). In a
+    ``torch.distributed`` process group every process adds its shard of the same batch: one all-reduce per
+    batch (counts, norm sums and the gradient; one more for the largest norm) makes the numbers those of the
+    whole batch.
+    """
+
+    def __init__(self, model: nn.Module, what: str = "gradient statistics"):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.what = what
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._totals: dict[str, list[float]] = {}  # key -> [sum of |G|^2 estimates, sum of tr(Sigma) estimates]
+        self.batches = 0
+        self.examples = 0
+        self._norm_sum = self._sq_sum = 0.0
+        self._norm_max = 0.0
+
+    def add(self, cap, by_layer: dict[str, torch.Tensor], grads) -> None:
+        """One batch: ``by_layer`` ``{layer: [n]}`` per-example squared norms, ``grads`` the gradient of the
+        sum of the batch's per-example losses per parameter (None = zero), ``cap`` the capture they came from."""
+        _check_all_captured(cap, cap.model, self.what)
+        params = self.params
+        device = params[0].device
+        groups = {layer.name: [self._index[id(p)] for _, p in layer.params if id(p) in self._index] for layer in cap.layers}
+        names = list(by_layer)
+        per_example = sum(by_layer.values()).detach().double().clamp_min(0)
+        norms = per_example.sqrt()
+        # [count, sum_i |g_i|^2 per layer..., sum_i |g_i|, gradient sums...]
+        flat = torch.cat([torch.tensor([float(per_example.shape[0])], dtype=torch.float64, device=device),
+                          torch.stack([by_layer[k].detach().double().sum() for k in names]),
+                          norms.sum().reshape(1),
+                          *[(g if g is not None else torch.zeros_like(p)).detach().double().reshape(-1)
+                            for g, p in zip(grads, params)]])
+        largest = norms.max() if norms.numel() else torch.zeros((), dtype=torch.float64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat)
+            torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        B = flat[0].item()
+        if B < 2:
+            raise ValueError(f"{self.what}: every batch needs >= 2 examples (got {int(B)}): the estimators "
+                             "contrast per-example and batch gradients")
+        layer_sums = flat[1:1 + len(names)]
+        self.examples += int(B)
+        self._sq_sum += layer_sums.sum().item()
+        self._norm_sum += flat[1 + len(names)].item()
+        self._norm_max = max(self._norm_max, largest.item())
+        batch_grad = flat[2 + len(names):] / B
+        offsets, start = [], 0
+        for p in params:
+            offsets.append((start, start + p.numel()))
+            start += p.numel()
+        squares = [batch_grad[a:b].square().sum().item() for a, b in offsets]
+        sq_means = dict(zip(names, (layer_sums / B).tolist()))
+        # Cross terms of shared parameters ("shared:<param>") belong to the overall statistics only.
+        entries = {"": (sum(sq_means.values()), sum(squares)),
+                   **{k: (sq_means[k], sum(squares[i] for i in groups[k])) for k in names if k in groups}}
+        for key, (small, big) in entries.items():
+            acc = self._totals.setdefault(key, [0.0, 0.0])
+            acc[0] += (B * big - small) / (B - 1)  # |G|^2, unbiased (McCandlish et al., appendix A.1)
+            acc[1] += (small - big) / (1 - 1 / B)  # tr(Sigma), unbiased
+        self.batches += 1
+
+    def _summary(self, key: str) -> dict:
+        grad_sq, trace_cov = self._totals[key][0] / self.batches, self._totals[key][1] / self.batches
+        return {"noise_scale": trace_cov / grad_sq if grad_sq != 0 else float("inf"),
+                "trace_covariance": trace_cov, "grad_sq_norm": grad_sq}
+
+    def noise_scale(self) -> dict:
+        """``{"noise_scale", "trace_covariance", "grad_sq_norm", "batches", "by_layer": {layer: {...}}}``: the
+        averages over the added batches, ratio taken last (see :func:`gradient_noise_scale`)."""
+        if not self.batches:
+            raise ValueError(f"{self.what}: no batch was added")
+        result = self._summary("")
+        result["batches"] = self.batches
+        result["by_layer"] = {k: self._summary(k) for k in self._totals if k}
+        return result
+
+    def grand(self) -> dict:
+        """``{"mean", "std", "max"}`` of the GraNd scores ``||grad l_i||`` of every example added."""
+        if not self.examples:
+            raise ValueError(f"{self.what}: no batch was added")
+        mean = self._norm_sum / self.examples
+        return {"mean": mean, "std": max(self._sq_sum / self.examples - mean * mean, 0.0) ** 0.5, "max": self._norm_max}
+
+
 def gradient_noise_scale(model: nn.Module, data, loss_fn=None) -> dict:
     """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018, "An Empirical
     Model of Large-Batch Training", eq. 2.8 and appendix A.1), overall and per layer.
 
     ``data``: one ``(x, y)`` batch or an iterable of batches (each of >= 2 examples). Per batch of ``B``
     examples, from the per-example squared norms ``|g_i|^2`` (captured activations and deltas) and the batch
-    gradient ``G_B = mean_i g_i`` (one backward): the unbiased estimators of their appendix A.1 with
+    gradient ``G_B = mean_i g_i`` (the same backward): the unbiased estimators of their appendix A.1 with
     ``B_small = 1`` and ``B_big = B``: ``|G|^2 ~ (B |G_B|^2 - mean_i |g_i|^2) / (B - 1)`` and
     ``tr(Sigma) ~ (mean_i |g_i|^2 - |G_B|^2) / (1 - 1/B)``. Both are averaged over batches before the
     ratio is taken (the ratio of averages, as they recommend; a ratio per batch is biased). ``loss_fn(out,
@@ -312,62 +402,13 @@ def gradient_noise_scale(model: nn.Module, data, loss_fn=None) -> dict:
     from fastcurv.capture import capture
     from fastcurv.curvature._operator import BatchSource
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    totals: dict[str, list[float]] = {}
-    batches = 0
-    for x, y, n in BatchSource(data, device, "gradient_noise_scale"):
+    stats = GradientStatistics(model, "gradient_noise_scale")
+    for x, y, n in BatchSource(data, stats.params[0].device, "gradient_noise_scale"):
         _check_inputs(model, x, "gradient_noise_scale")
         with torch.enable_grad(), capture(model) as cap:
             losses = _per_example_losses(model, loss_fn, x, y, "gradient_noise_scale")
-            by_layer = cap.per_example_sqnorms_by_layer(losses)
-            _check_all_captured(cap, model, "gradient_noise_scale")
-            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-        index = {id(p): i for i, p in enumerate(params)}
-        groups = {layer.name: [index[id(p)] for _, p in layer.params] for layer in cap.layers}
-        # One all-reduce per batch: [count, sum_i |g_i|^2 per layer..., gradient sums...].
-        names = list(by_layer)
-        flat = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=device),
-                          torch.stack([by_layer[k].detach().double().sum() for k in names]),
-                          *[(g if g is not None else torch.zeros_like(p)).detach().double().reshape(-1)
-                            for g, p in zip(grads, params)]])
-        if distributed:
-            torch.distributed.all_reduce(flat)
-        B = flat[0].item()
-        if B < 2:
-            raise ValueError(f"gradient_noise_scale: every batch needs >= 2 examples (got {int(B)}): the "
-                             "estimators contrast per-example and batch gradients")
-        sq_means = dict(zip(names, (flat[1:1 + len(names)] / B).tolist()))
-        offsets, start = [], 1 + len(names)
-        for p in params:
-            offsets.append((start, start + p.numel()))
-            start += p.numel()
-        batch_sq = {}
-        for name in names:
-            ids = groups.get(name, [])
-            batch_sq[name] = sum(((flat[a:b] / B) ** 2).sum().item() for a, b in (offsets[i] for i in ids))
-        # Cross terms of shared parameters ("shared:<param>") belong to the overall statistics only.
-        overall_small = sum(sq_means.values())
-        overall_big = sum(((flat[a:b] / B) ** 2).sum().item() for a, b in offsets)
-        entries = {"": (overall_small, overall_big), **{k: (sq_means[k], batch_sq[k]) for k in names if k in groups}}
-        for key, (small, big) in entries.items():
-            grad_sq = (B * big - small) / (B - 1)
-            trace_cov = (small - big) / (1 - 1 / B)
-            acc = totals.setdefault(key, [0.0, 0.0])
-            acc[0] += grad_sq
-            acc[1] += trace_cov
-        batches += 1
-
-    def summary(key):
-        grad_sq, trace_cov = totals[key][0] / batches, totals[key][1] / batches
-        return {"noise_scale": trace_cov / grad_sq if grad_sq != 0 else float("inf"),
-                "trace_covariance": trace_cov, "grad_sq_norm": grad_sq}
-
-    result = summary("")
-    result["batches"] = batches
-    result["by_layer"] = {k: summary(k) for k in totals if k}
-    return result
+        stats.add(cap, *cap.per_example_sqnorms_and_gradient(losses, stats.params))
+    return stats.noise_scale()
 
 
 def grand_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None, batch_size: int | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from fastcurv.train.checkpoint import CheckpointError, load_checkpoint, save_che
 from fastcurv.train.history import History
 from fastcurv.train.init import initialize
 from fastcurv.train.rules import NonFiniteError, Rule, make_rule
+from fastcurv.train.statistics import STATISTICS, StepStatistics
 from fastcurv.train.schedules import make_schedule
 
 LOSSES = ("auto", "cross_entropy", "mse", "hinge")
@@ -349,6 +350,7 @@ def fit(
     divergence_factor: float | None = 100.0,
     measure_loss: str | None = None,
     time_budget: float | None = None,
+    statistics=(),
 ) -> History:
     """Train ``model`` in place with learning rule ``rule``; return the per-epoch :class:`History`.
 
@@ -390,6 +392,16 @@ def fit(
             (apart from timings).
         progress: show a tqdm bar; default: only when stderr is a terminal.
         device: where to train (default: where ``model``'s parameters are).
+
+        statistics: per-epoch training statistics from every step's batch, any of ``"noise_scale"``
+            (records ``noise_scale``, the gradient noise scale ``B_simple`` of McCandlish et al. 2018, with
+            ``trace_covariance`` and ``grad_sq_norm``, averaged over the epoch's steps before the ratio, and
+            ``noise_scale.<layer>`` per layer; see :func:`fastcurv.metrics.gradient_noise_scale`) and ``"grand"``
+            (``grand_mean``, ``grand_std``, ``grand_max`` of the GraNd scores ``||grad l_i||`` of the epoch's
+            examples, each at the weights of its step). Measured on the training loss without the penalty,
+            in train mode. Rules ``sgd``, ``l2`` and ``l2_stopped`` take them from the step's own forward and
+            backward (near-zero extra cost); other rules pay one captured forward and backward per step. In a
+            data-parallel run they are those of the whole batch, not of one process's share.
 
     Data-parallel training: when a ``torch.distributed`` process group is initialized (e.g. under
     ``torchrun``), every process draws the same batches, trains on its equal share of each (the batch
@@ -448,6 +460,12 @@ def fit(
     for flag, value in (("regularize_after_first_drop", regularize_after_first_drop), ("resume", resume),
                         ("track_eigenvalue", track_eigenvalue), ("track_fisher_trace", track_fisher_trace)):
         check_flag("fit", flag, value)
+    if isinstance(statistics, str):
+        statistics = (statistics,)
+    statistics = tuple(statistics)
+    unknown = [name for name in statistics if name not in STATISTICS]
+    if unknown:
+        raise ValueError(f"fit: unknown statistics {unknown}; valid: {', '.join(STATISTICS)}")
     time_budget = check_number("fit", "time_budget", time_budget, low=0, low_open=True, allow_none=True,
                                why="seconds")
     if checkpoint is not None and os.path.isdir(checkpoint):  # found now, not after the first epoch
@@ -479,6 +497,10 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(optimizer, params, lr, momentum)
     rule_obj.bind(model, loss_fn, int(epochs))
+    step_statistics = StepStatistics(model, loss_fn, statistics) if statistics else None
+    # a rule that keeps the plain step records the statistics in it; the others are measured before each step
+    measure_apart = step_statistics is not None and type(rule_obj).step is not Rule.step
+    rule_obj.statistics = None if measure_apart else step_statistics
 
     run_config = {
         "rule": rule_obj.config(), "loss": loss_name, "lr": float(lr), "batch_size": int(batch_size),
@@ -558,6 +580,8 @@ def fit(
             for step in range(steps_per_epoch):
                 start_of_share = step * effective_batch + rank * local_batch
                 idx = order[start_of_share:start_of_share + local_batch]
+                if measure_apart:
+                    step_statistics.measure(x_train[idx], y_train[idx])
                 try:
                     rule_obj.step(x_train[idx], y_train[idx], step_optimizer, epoch, active=active)
                 except NonFiniteError as err:
@@ -588,6 +612,8 @@ def fit(
                 "time_per_step": elapsed / max(steps_done, 1), "epoch_time": elapsed,
                 "wall_time": trained_time, "steps": trained_steps,
             }
+            if step_statistics is not None:
+                record.update(step_statistics.epoch_record())
             if measure_loss is not None:
                 measured_train = evaluate(model, x_train, y_train, measure_fn, task)[0]
                 measured_test = evaluate(model, x_test, y_test, measure_fn, task)[0]

@@ -45,6 +45,7 @@ and then called once per batch through :meth:`Rule.step`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -92,6 +93,8 @@ class Rule:
     """
 
     name = "rule"
+    # fit(statistics=...) sets a fastcurv.train.statistics.StepStatistics here for rules that keep this step
+    statistics = None
 
     def __init__(self, **hyper):
         defaults = DEFAULTS.get(self.name, {})
@@ -127,15 +130,20 @@ class Rule:
         ``active=False`` (before the first LR drop with ``regularize_after_first_drop``) runs plain SGD.
         """
         optimizer.zero_grad(set_to_none=True)
-        per_example = self.loss_fn(self.model(x), y)
+        stats = self.statistics
+        with stats.capturing() if stats is not None else contextlib.nullcontext():
+            out = self.model(x)
+        per_example = self.loss_fn(out, y)
         loss = per_example.mean()
         _check_finite_loss(loss, self.name, epoch)
-        total = loss
-        if active:
-            term = self.penalty(per_example, x, y, epoch)
+        term = self.penalty(per_example, x, y, epoch) if active else None
+        if stats is not None:
+            # the data gradient and the per-example statistics from one backward, then the penalty's
+            stats.backward(per_example)
             if term is not None:
-                total = loss + term
-        total.backward()
+                term.backward()
+        else:
+            (loss if term is None else loss + term).backward()
         optimizer.step()
         return loss.detach()
 
