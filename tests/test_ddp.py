@@ -60,6 +60,23 @@ def _fit_metric_rule(model_seed):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _noise_scale_batches():
+    x, y = batch("mlp", n=24)
+    return [(x[:12], y[:12]), (x[12:], y[12:])]
+
+
+def _fit_with_statistics(rule, model_seed):
+    """fit with statistics=("noise_scale", "grand"): the per-epoch records (timings dropped)."""
+    from fastcurv.train import fit
+
+    torch.manual_seed(model_seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = batch("mlp", n=24)
+    history = fit(model, (x, y), (x, y), rule=rule, epochs=2, batch_size=8, lr=0.1, seed=3, progress=False,
+                  statistics=("noise_scale", "grand"))
+    return history.without_timing()
+
+
 def _ddp_worker(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -70,6 +87,12 @@ def _ddp_worker(rank, init_file, out_file):
             shard = slice(rank * x.shape[0] // WORLD, (rank + 1) * x.shape[0] // WORLD)
             results[model_name] = regularized_gradients(model, x[shard], y[shard])  # DDP averages over ranks
         results["fit"] = _fit_metric_rule(rank)  # each rank builds a different model: rank 0's is broadcast
+        from fastcurv.metrics import gradient_noise_scale
+
+        half = lambda t: t[rank * t.shape[0] // WORLD:(rank + 1) * t.shape[0] // WORLD]  # noqa: E731
+        results["noise_scale"] = gradient_noise_scale(mlp(), [(half(x), half(y)) for x, y in _noise_scale_batches()])
+        # sgd records in its own step, curvature is measured before its step: both paths, whole-batch numbers
+        results["fit_statistics"] = {rule: _fit_with_statistics(rule, rank) for rule in ("sgd", "curvature")}
         if rank == 0:
             torch.save(results, out_file)
     finally:
@@ -96,6 +119,22 @@ def test_ddp_regularized_step_equals_one_process_on_the_whole_batch(tmp_path):
     # before each step = one process training rank 0's model on the whole batches.
     for got, want in zip(distributed["fit"], _fit_metric_rule(0)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # per-example statistics over the whole batch, not one shard: 2 ranks = 1 process on the full batches
+    from fastcurv.metrics import gradient_noise_scale
+
+    single = gradient_noise_scale(mlp(), _noise_scale_batches())
+    got = distributed["noise_scale"]
+    one_shard = gradient_noise_scale(mlp(), [(x[:6], y[:6]) for x, y in _noise_scale_batches()])
+    assert one_shard["noise_scale"] != pytest.approx(single["noise_scale"], rel=1e-3)  # a shard's own numbers differ
+    for key in ("noise_scale", "trace_covariance", "grad_sq_norm"):
+        assert got[key] == pytest.approx(single[key], rel=1e-10)
+        for layer in ("0", "2"):
+            assert got["by_layer"][layer][key] == pytest.approx(single["by_layer"][layer][key], rel=1e-10)
+    for rule, records in distributed["fit_statistics"].items():
+        for got, want in zip(records, _fit_with_statistics(rule, 0)):
+            for key in ("noise_scale", "noise_scale.0", "noise_scale.2", "trace_covariance", "grand_mean", "grand_std",
+                        "grand_max"):
+                assert got[key] == pytest.approx(want[key], rel=1e-9), (rule, key)
 
 
 def _fsdp_worker(rank, init_file, out_file):
