@@ -10,6 +10,12 @@ sgd step; ResNet-18 with train-mode BatchNorm), ``regstep-{mlp,cnn,resnet18}`` (
 step, SAM and GNP vs a plain step), ``flat-{mlp,cnn,resnet18}`` (issue 18: full training steps, optimizer
 included, of sgd, sam, gnp, looksam, curvature exact, ``subsample=B/8`` and ``every=4``, all as rules of
 ``fastcurv.train``; looksam and every=4 are averaged over their cycle because the rounds run them in turn).
+Issue 19 (``bench/curvature_groups.py``): ``ggn-mlp`` (GGN products vs curvlinops, K = 1 and 8, per vector),
+``density-mlp`` (SLQ density vs PyHessian's ``density()``, accuracy against the dense spectrum printed beside
+the times), ``statistics-mlp`` (noise scale and GraNd on a training step). ``--quick``: tiny sizes and 3
+rounds, to check that a group runs.
+
+    python bench/interleaved.py ggn-mlp density-mlp statistics-mlp [--quick]
 """
 from __future__ import annotations
 
@@ -22,11 +28,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import curvature_groups  # noqa: E402
 from test_bench_steps import REGSTEP, rule_step, rules_case, step_case, subbatch_steps  # noqa: E402
 
 from fastcurv.train import RULES  # noqa: E402
 
-GROUPS = ["rules-mlp"] + [f"{kind}-{case}" for kind in ("subbatch", "regstep", "flat") for case in ("mlp", "cnn", "resnet18")]
+GROUPS = (["rules-mlp"] + [f"{kind}-{case}" for kind in ("subbatch", "regstep", "flat") for case in ("mlp", "cnn", "resnet18")]
+          + list(curvature_groups.GROUPS))
 
 
 def flat_contenders(model, x, y) -> dict:
@@ -57,23 +65,32 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="+", choices=GROUPS)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per contender (after 2 warm-up rounds)")
+    parser.add_argument("--quick", action="store_true", help="issue 19's groups at tiny sizes, 3 rounds: checks that they run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = 3
     print(f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"{args.rounds} interleaved rounds, medians")
     for group in args.groups:
-        steps = contenders(group)
+        if group in curvature_groups.GROUPS:
+            steps, notes = curvature_groups.contenders(group, args.quick)
+        else:
+            steps, notes = {name: (step, 1) for name, step in contenders(group).items()}, {}
         times = {name: [] for name in steps}
         for round_ in range(args.rounds + 2):
-            for name, step in steps.items():
+            for name, (step, divisor) in steps.items():
                 start = time.perf_counter()
                 step()
                 if round_ >= 2:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append((time.perf_counter() - start) / divisor)
         median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
         base = next(iter(median))
-        print(f"\n{group} (ratio to {base})")
+        per_vector = any(divisor > 1 for _, divisor in steps.values())
+        print(f"\n{group} (ratio to {base}{'; K > 1: time per vector' if per_vector else ''})")
+        width = max(22, *(len(name) + 2 for name in median))
         for name, value in median.items():
-            print(f"  {name:<22}{value * 1e3:10.3f} ms  {value / median[base]:6.2f}x")
+            note = f"  {notes[name]}" if name in notes else ""
+            print(f"  {name:<{width}}{value * 1e3:10.3f} ms  {value / median[base]:6.2f}x{note}")
     return 0
 
 
