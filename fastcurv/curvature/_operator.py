@@ -352,13 +352,21 @@ class ModelOperator(CurvatureOperator):
             self._graphs.clear()  # parameters changed since the graphs were built: they are stale
         K = V.shape[1]
         blocks = split_columns(V, self.params)
-        total, count = None, 0
+        total, first_weight, batches, count = None, 1.0, 0, 0
         for index, (x, y, n) in enumerate(self.data):
             weight = float(n) if self.loss_reduction == "mean" else 1.0
             # In place on join_columns' fresh output: no [P, K] temporaries per product.
             part = join_columns(product(index, x, y, blocks), self.params, K)
-            total = part.mul_(weight) if total is None else total.add_(part, alpha=weight)
+            if total is None:
+                total, first_weight = part, weight
+            else:
+                if batches == 1:
+                    total.mul_(first_weight)
+                total.add_(part, alpha=weight)
+            batches += 1
             count += n
+        if batches == 1 and self.loss_reduction == "mean":
+            return total  # weight n / N = 1: no two passes over [P, K] (and no rounding) per product
         return total.div_(count)
 
 
