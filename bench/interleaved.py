@@ -16,6 +16,12 @@ the times), ``statistics-mlp`` (noise scale and GraNd on a training step). ``--q
 rounds, to check that a group runs.
 
     python bench/interleaved.py ggn-mlp density-mlp statistics-mlp [--quick]
+
+Issue 16 (``bench/zoo_steps.py``): ``zoo-resnet18``, ``zoo-gpt2`` (torchvision resnet18 and HF GPT-2 as built:
+per-example norms and the regularized step vs a plain step, torch.func and Opacus where they can run, each
+checked against fastcurv before timing; a peer that cannot run says why). ``--quick`` shrinks them too.
+
+    python bench/interleaved.py zoo-resnet18 zoo-gpt2 [--device cuda] [--quick]
 """
 from __future__ import annotations
 
@@ -29,12 +35,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import curvature_groups  # noqa: E402
+import zoo_steps  # noqa: E402
 from test_bench_steps import REGSTEP, rule_step, rules_case, step_case, subbatch_steps  # noqa: E402
 
 from fastcurv.train import RULES  # noqa: E402
 
 GROUPS = (["rules-mlp"] + [f"{kind}-{case}" for kind in ("subbatch", "regstep", "flat") for case in ("mlp", "cnn", "resnet18")]
-          + list(curvature_groups.GROUPS))
+          + list(curvature_groups.GROUPS) + zoo_steps.ZOO_GROUPS)
 
 
 def flat_contenders(model, x, y) -> dict:
@@ -47,9 +54,8 @@ def flat_contenders(model, x, y) -> dict:
     return {name: rule_step(rule, model, x, y, **options) for name, (rule, options) in specs.items()}
 
 
-def contenders(group: str) -> dict:
+def contenders(group: str, dev=torch.device("cpu")) -> dict:
     """name -> a zero-argument step, first the baseline."""
-    dev = torch.device("cpu")
     kind, case = group.split("-", 1)
     if kind == "rules":
         return {rule: rule_step(rule, *rules_case(dev)) for rule in RULES}
@@ -61,36 +67,63 @@ def contenders(group: str) -> dict:
     return {name: (lambda fn=REGSTEP[name](model): fn(model, x, y)) for name in ("plain_step", "fastcurv", "sam", "gnp")}
 
 
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def group_tables(group: str, dev: torch.device, quick: bool) -> list:
+    """``[(title, {name: (step, divisor)}, {name: note}, {name: why it cannot run})]`` for one group."""
+    if group in zoo_steps.ZOO_GROUPS:
+        return [(t.title, {name: (step, 1) for name, step in t.steps.items()}, t.notes, t.unavailable)
+                for t in zoo_steps.tables(group, dev, quick)]
+    if group in curvature_groups.GROUPS:
+        steps, notes = curvature_groups.contenders(group, quick)
+        return [(group, steps, notes, {})]
+    return [(group, {name: (step, 1) for name, step in contenders(group, dev).items()}, {}, {})]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="+", choices=GROUPS)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per contender (after 2 warm-up rounds)")
-    parser.add_argument("--quick", action="store_true", help="issue 19's groups at tiny sizes, 3 rounds: checks that they run")
+    parser.add_argument("--quick", action="store_true",
+                        help="issue 19's and the zoo groups at tiny sizes, 3 rounds: checks that they run")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the rules, regstep, subbatch, flat and zoo groups")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 3
-    print(f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"{args.rounds} interleaved rounds, medians")
+    dev = torch.device(args.device)
+    print(f"{device_name(dev)}, {args.rounds} interleaved rounds, medians{'; QUICK: tiny sizes, not a measurement' if args.quick else ''}")
     for group in args.groups:
-        if group in curvature_groups.GROUPS:
-            steps, notes = curvature_groups.contenders(group, args.quick)
-        else:
-            steps, notes = {name: (step, 1) for name, step in contenders(group).items()}, {}
-        times = {name: [] for name in steps}
-        for round_ in range(args.rounds + 2):
-            for name, (step, divisor) in steps.items():
-                start = time.perf_counter()
-                step()
-                if round_ >= 2:
-                    times[name].append((time.perf_counter() - start) / divisor)
-        median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-        base = next(iter(median))
-        per_vector = any(divisor > 1 for _, divisor in steps.values())
-        print(f"\n{group} (ratio to {base}{'; K > 1: time per vector' if per_vector else ''})")
-        width = max(22, *(len(name) + 2 for name in median))
-        for name, value in median.items():
-            note = f"  {notes[name]}" if name in notes else ""
-            print(f"  {name:<{width}}{value * 1e3:10.3f} ms  {value / median[base]:6.2f}x{note}")
+        try:
+            built = group_tables(group, dev, args.quick)
+        except ImportError as exc:  # a zoo group whose library is absent (or does not import)
+            print(f"\n{group}: cannot build its model ({type(exc).__name__}: {exc})")
+            continue
+        for title, steps, notes, unavailable in built:
+            times = {name: [] for name in steps}
+            for round_ in range(args.rounds + 2):
+                for name, (step, divisor) in steps.items():
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    start = time.perf_counter()
+                    step()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    if round_ >= 2:
+                        times[name].append((time.perf_counter() - start) / divisor)
+            median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            base = next(iter(median))
+            per_vector = any(divisor > 1 for _, divisor in steps.values())
+            print(f"\n{title} (ratio to {base}{'; K > 1: time per vector' if per_vector else ''})")
+            width = max(22, *(len(name) + 2 for name in list(median) + list(unavailable)))
+            for name, value in median.items():
+                note = f"  {notes[name]}" if name in notes else ""
+                print(f"  {name:<{width}}{value * 1e3:10.3f} ms  {value / median[base]:6.2f}x{note}")
+            for name, why in unavailable.items():
+                print(f"  {name:<{width}}cannot run: {why}")
     return 0
 
 
