@@ -92,7 +92,7 @@ def tables(results: dict, checkpoints: list[float]) -> str:
              f"Budget {results['time_budget']:g} s of training steps per rule and seed, "
              f"{len(results['rules']['sgd']['runs'])} seeds, batch {results['batch_size']}; accuracies at smaller "
              "budgets are read off the same runs (constant learning rate).", "",
-             "| rule | steps in budget | ms / step | " + " | ".join(f"test acc @ {t:g} s" for t in checkpoints) + " |",
+             "| rule | steps in budget | ms / step | " + " | ".join(f"test acc @ {t:.3g} s" for t in checkpoints) + " |",
              "|---|---|---|" + "---|" * len(checkpoints)]
     acc = {r: [[accuracy_at_times(run["history"], [t], "test_accuracy")[0] for run in results["rules"][r]["runs"]]
                for t in checkpoints] for r in rules}
@@ -107,7 +107,7 @@ def tables(results: dict, checkpoints: list[float]) -> str:
         lines.append(f"| {r} | {steps:.0f} | {ms:.1f} | " + " | ".join(cells) + " |")
     lines += ["", "Paired t-test over seeds (fastcurv.reproduce.verdict.paired_test), difference in test accuracy "
               "(rule minus baseline), p two-sided; * = significant at 0.05.", "",
-              "| rule | vs | " + " | ".join(f"@ {t:g} s" for t in checkpoints) + " |",
+              "| rule | vs | " + " | ".join(f"@ {t:.3g} s" for t in checkpoints) + " |",
               "|---|---|" + "---|" * len(checkpoints)]
     for baseline in ("sgd", "sam"):
         for r in rules:
@@ -123,7 +123,7 @@ def tables(results: dict, checkpoints: list[float]) -> str:
     for i, t in enumerate(checkpoints):
         means = {r: mean_std(acc[r][i])[0] for r in rules}
         winner = max(means, key=lambda r: means[r] if means[r] == means[r] else -1)
-        best.append(f"@ {t:g} s: highest mean {winner} ({means[winner]:.4f})")
+        best.append(f"@ {t:.3g} s: highest mean {winner} ({means[winner]:.4f})")
     lines += ["", "Highest mean test accuracy per budget: " + "; ".join(best) + "."]
     return "\n".join(lines) + "\n"
 
@@ -135,9 +135,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="docs/flat-minima")
     parser.add_argument("--machine-note", default="", help="what else ran on the machine (written into the tables)")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite OUT/{protocol}.md and the plot from "
+                        "OUT/{protocol}.json (no training)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     checkpoints = [args.budget / 3, 2 * args.budget / 3, args.budget]
+    if args.tables_only:
+        for protocol in args.protocols.split(","):
+            with open(os.path.join(args.out, f"{protocol}.json")) as handle:
+                results = json.load(handle)
+            write_tables(results, [results["time_budget"] * k / 3 for k in (1, 2, 3)], protocol, args.out)
+        return 0
     for protocol in args.protocols.split(","):
         start_load = round(os.getloadavg()[0], 2)
         results = run(protocol, args.budget, args.seeds)
@@ -145,12 +153,16 @@ def main(argv=None) -> int:
         results["machine_note"] = args.machine_note
         with open(os.path.join(args.out, f"{protocol}.json"), "w") as handle:
             json.dump(results, handle, indent=1, default=float)
-        with open(os.path.join(args.out, f"{protocol}.md"), "w") as handle:
-            handle.write(tables(results, checkpoints))
-        for path in _time_plot(results, list(results["rules"]), "classification", args.out):
-            os.replace(path, os.path.join(args.out, f"{protocol}_accuracy_vs_time.png"))
-        print(tables(results, checkpoints))
+        write_tables(results, checkpoints, protocol, args.out)
     return 0
+
+
+def write_tables(results: dict, checkpoints: list[float], protocol: str, out: str) -> None:
+    with open(os.path.join(out, f"{protocol}.md"), "w") as handle:
+        handle.write(tables(results, checkpoints))
+    for path in _time_plot(results, list(results["rules"]), "classification", out):
+        os.replace(path, os.path.join(out, f"{protocol}_accuracy_vs_time.png"))
+    print(tables(results, checkpoints))
 
 
 if __name__ == "__main__":
