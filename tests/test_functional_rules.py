@@ -5,6 +5,7 @@ against the float64 per-example loop (norms, Gram, penalty gradient), plus the f
 parameters they cannot serve to the generic rule."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -90,6 +91,20 @@ class LayerNorm2d(nn.LayerNorm):  # timm
         return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
+class Conv2dSame(nn.Conv2d):  # timm: TensorFlow's 'SAME' padding applied to the input, then F.conv2d unpadded
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), reversed(self.dilation)):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class GroupedSameConv(nn.Conv2d):  # F.conv2d with padding='same', dilation and groups, on its own parameters
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, 1, "same", self.dilation, self.groups)
+
+
 class LayerScale2d(nn.Module):  # timm ConvNeXt: gamma reshaped to the channels
     def __init__(self, c):
         super().__init__()
@@ -159,7 +174,9 @@ SEQ = {
     "pos_embed_add": lambda: PosEmbed(5, 6),
 }
 CONV = {"layernorm2d": lambda: LayerNorm2d(4), "layer_scale": lambda: LayerScale2d(4), "batchnorm_act_eval": lambda: BatchNormAct2d(4).eval(),
-        "batchnorm_act_inplace_eval": lambda: BatchNormAct2d(4, inplace=True).eval()}
+        "batchnorm_act_inplace_eval": lambda: BatchNormAct2d(4, inplace=True).eval(),
+        "conv2d_same_even_kernel": lambda: Conv2dSame(4, 4, 2), "conv2d_same_bias_free": lambda: Conv2dSame(4, 4, 3, bias=False),
+        "conv_same_grouped_dilated": lambda: GroupedSameConv(4, 4, (2, 3), dilation=(1, 2), groups=2, padding="same")}
 
 
 def _losses(out, y):
@@ -185,6 +202,23 @@ def test_conv_modules_are_exact_on_fast_rules(case):
     if isinstance(block, nn.BatchNorm2d):
         block.running_mean.uniform_(-1, 1), block.running_var.uniform_(0.5, 2)
     model = conv_model(block)
+    x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
+    check_against_loop(model, lambda m: m(x), lambda out: _losses(out, y))
+    with capture(model) as cap:
+        model(x)
+    assert fast_fraction(cap) == 1.0 and not cap.generic, cap.generic
+
+
+@pytest.mark.parametrize("path", ["kernel", "unfold"])
+def test_functional_strided_conv_same_both_paths(path, monkeypatch):
+    """timm's Conv2dSame at stride 2 (asymmetric input padding, then F.conv2d) on the Conv rule's kernel and
+    unfold paths: exact against the loop, on fast rules."""
+    from fastcurv.layers.conv import ConvLayer
+
+    monkeypatch.setattr(ConvLayer, "path", path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), Conv2dSame(4, 6, 3, stride=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(6 * 3 * 3, 3))
     x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
     check_against_loop(model, lambda m: m(x), lambda out: _losses(out, y))
     with capture(model) as cap:

@@ -115,6 +115,8 @@ CASES = [
     # that result: the site's delta is taken at the batch_norm call's own autograd edge), squeeze-excite
     ZooCase("timm efficientnet_b0 (BatchNormAct2d, in-place SiLU)", timm_model("efficientnet_b0", drop_rate=0.0), TRAIN,
             min_fast=1.0),
+    ZooCase("timm tf_efficientnet_b0 (Conv2dSame: TF 'SAME' padding, then F.conv2d)",
+            timm_model("tf_efficientnet_b0", drop_rate=0.0), TRAIN, min_fast=1.0),
     ZooCase("timm mobilenetv3_small_100 (BatchNormAct2d, hard-swish)", timm_model("mobilenetv3_small_100", drop_rate=0.0),
             TRAIN, min_fast=1.0, penalty=False),  # torch has no double backward for Hardsigmoid: no penalty gradient at all
     ZooCase("timm convnext_atto (layer scale)", timm_model("convnext_atto", ls_init_value=0.5)),

@@ -1,10 +1,12 @@
 """Fast rules reached through functional calls: a module without a registered rule (a subclass that
 overrides ``forward``, ``LlamaRMSNorm``, Hugging Face's ``Conv1D``, ``BatchNormAct2d``, a
-layer-scale ``gamma``) is served by the existing Linear / Embedding / Norm math when its forward
+layer-scale ``gamma``) is served by the existing Linear / Conv / Embedding / Norm math when its forward
 uses its own parameters only through calls this file recognizes:
 
 * ``F.linear(x, W, b)``, ``torch.addmm(b, x, W)`` (``W`` is ``[in, out]``), ``x @ W``: Linear rule;
 * ``F.embedding(tokens, W, padding_idx)``: Embedding rule;
+* ``F.conv1d/2d/3d(x, W, b, stride, padding, dilation, groups)``: Conv rule (timm's ``Conv2dSame``, which pads
+  the input itself and then calls ``F.conv2d``: the tf_* EfficientNets / MobileNets);
 * ``F.layer_norm``, ``F.rms_norm``, ``F.batch_norm`` with their affine parameters: Norm rule;
 * ``x * w`` and ``x + w`` with ``w`` broadcast over a batched ``x`` (per-channel scale or shift,
   ``weight * hidden_states`` of the RMSNorm classes): per-example ``sum(delta * x)`` / ``sum(delta)``
@@ -42,6 +44,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from fastcurv.layers.base import CapturedLayer, Record, _versions, common_dtype, describe, first_input, rows
+from fastcurv.layers.conv import ConvLayer
 from fastcurv.layers.embedding import EmbeddingLayer
 from fastcurv.layers.generic import GenericLayer, replaying, replaying_context
 from fastcurv.layers.linear import LinearLayer
@@ -58,6 +61,7 @@ _TRANSPOSES = {T.t, torch.t, T.transpose, torch.transpose}
 _SHIFTS = {T.add, T.sub, torch.add, torch.sub}
 _MULS = {T.mul, torch.mul}
 _MATMULS = {T.matmul, torch.matmul, T.__matmul__}
+_CONVS = {F.conv1d, F.conv2d, F.conv3d}
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def _back_to_param(g: torch.Tensor, steps: tuple, param: torch.Tensor) -> torch.
 
 @dataclass
 class _Site:
-    kind: str  # "linear", "embedding", "norm", "scale", "shift"
+    kind: str  # "linear", "conv", "embedding", "norm", "scale", "shift"
     output: torch.Tensor
     data: torch.Tensor
     operands: dict  # role ("weight"/"bias") -> (_Derived, tensor as the call saw it)
@@ -157,6 +161,8 @@ class _SiteMode(TorchFunctionMode):
             self._linear(out, args[1], args[2], args[0], transposed=True)
         elif func in _MATMULS and len(args) == 2 and self.derived(args[0]) is None:
             self._linear(out, args[0], args[1], None, transposed=True)
+        elif func in _CONVS:
+            self._conv(out, *args, **kwargs)
         elif func is F.embedding:
             self._embedding(out, *args, **kwargs)
         elif func in (F.layer_norm, F.rms_norm, F.batch_norm):
@@ -183,6 +189,20 @@ class _SiteMode(TorchFunctionMode):
             weight = (weight[0].then(("t",)), w.t())
         self._add("linear", out, x, {"weight": weight, "bias": self._operand(b)},
                   extra=(tuple((w.t() if transposed else w).shape),))
+
+    def _conv(self, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        n = weight.ndim - 2 if isinstance(weight, torch.Tensor) else 0
+        if n < 1 or not isinstance(x, torch.Tensor) or x.ndim != n + 2:
+            return  # an unbatched input [C, *S]: not a per-example site
+        tup = (lambda v: (v,) * n if isinstance(v, int) else tuple(v))
+        kernel, stride, dilation = tuple(weight.shape[2:]), tup(stride), tup(dilation)
+        if isinstance(padding, str):  # 'valid' / 'same', as nn.Conv*d lays them out (last dim first)
+            totals = [0] * n if padding == "valid" else [d * (k - 1) for d, k in zip(dilation, kernel)]
+            reversed_padding = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+        else:
+            reversed_padding = [p for v in reversed(tup(padding)) for p in (v, v)]
+        self._add("conv", out, x, {"weight": self._operand(weight), "bias": self._operand(bias)},
+                  extra=(tuple(weight.shape), stride, tuple(reversed_padding), dilation, int(groups)))
 
     def _embedding(self, out, tokens, weight, padding_idx=None, max_norm=None, norm_type=2.0,
                    scale_grad_by_freq=False, sparse=False):
@@ -405,6 +425,13 @@ class FunctionalLayer(CapturedLayer):
             shape = s.extra[0]
             stand_in = _SiteModule(self.module, weight=weight if weight is not None else torch.empty(shape, device="meta"), bias=bias)
             rule = LinearLayer(self.name, stand_in, params)
+            rule.weight_trainable, rule.bias_trainable = weight is not None, bias is not None
+        elif s.kind == "conv":
+            shape, stride, reversed_padding, dilation, groups = s.extra
+            stand_in = _SiteModule(self.module, weight=weight if weight is not None else torch.empty(shape, device="meta"),
+                                   bias=bias, stride=stride, dilation=dilation, groups=groups, padding_mode="zeros",
+                                   kernel_size=shape[2:], _reversed_padding_repeated_twice=list(reversed_padding))
+            rule = ConvLayer(self.name, stand_in, params)
             rule.weight_trainable, rule.bias_trainable = weight is not None, bias is not None
         elif s.kind == "embedding":
             (V, D), padding_idx = s.extra
