@@ -369,7 +369,7 @@ def test_resnet18_with_train_mode_batchnorm(mode):
     x, y = torch.randn(3, 3, 16, 16), torch.randint(0, 10, (3,))
     if mode == "exact":
         check_against_loop(model, lambda m: m(x), lambda out: F.cross_entropy(out, y, reduction="none"),
-                           capture_kwargs={"batchnorm": mode}, penalty=False)
+                           capture_kwargs={"batchnorm": mode})
         return
     # frozen_stats: the oracle is the same network with every BatchNorm's statistics detached
     def frozen(m):
