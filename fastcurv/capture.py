@@ -16,8 +16,11 @@ which rule serves which module, the deltas, and the checks that keep the numbers
 * Every module holding trainable parameters is served: by a fast rule where one is registered
   (``fastcurv.layers.registered_types()``), else by the exact generic rule (a vmapped per-example
   re-run of that module; reported once in :attr:`Capture.generic`). ``strict=True`` refuses instead.
-* Shared parameters (tied weights, a module called several times) count once with all their uses
-  summed: ``||sum of the uses' gradients||^2``, cross terms included.
+* Parameters, not modules, are the unit: a parameter used by several modules (tied weights; T5's and
+  BART's ``shared`` embedding, used by the encoder's and decoder's ``embed_tokens`` and the tied
+  ``lm_head``) or by one module called several times counts once with all its uses summed:
+  ``||sum of the uses' gradients||^2``, cross terms included. A module that is never called (``shared``
+  itself) is no error: it adds nothing of its own.
 * A module called without the batch dim (``wpe(torch.arange(T))``, GPT-2's ``position_ids`` [1, T])
   whose output is added onto a batched tensor gets its per-example deltas from that add's output
   gradient, summed over the broadcast dims (no extra backward). Used any other way, it takes a
@@ -29,8 +32,7 @@ which rule serves which module, the deltas, and the checks that keep the numbers
 * In-place ops after a layer (``nn.ReLU(inplace=True)``, ``out += identity``: torchvision CNNs as built)
   are exact: each delta is taken at the output's autograd edge recorded in the forward, no copy made.
 * Refused with a clear error: an input modified in place after the layer ran (or the output of a
-  generic/functional-rule module, whose re-run reads it), a
-  trainable module that was never called, losses that reach captured parameters through a path that
+  generic/functional-rule module, whose re-run reads it), losses that reach captured parameters through a path that
   bypasses the recorded outputs (a parameter used outside its module, or part of the loss from a
   forward outside the capture).
 
@@ -121,7 +123,7 @@ class Capture:
         model = self.model
         ignored = self._resolve_ignore(model, self._ignore)
         self._flags = _trainable_flags(model)
-        self.layers: list[CapturedLayer] = []
+        self._layers: list[CapturedLayer] = []
         self.generic: dict[str, str] = {}
         self._batchnorms: list[tuple[str, nn.Module]] = []
         claimed: set[str] = set()
@@ -154,7 +156,7 @@ class Capture:
                 continue
             if kinds and (rule is not None or any(p.requires_grad for s in kinds.values() for _, p in s)):
                 layer = ReparamLayer(mname, module, trainable, rule, kinds)  # refuses rules it cannot serve
-                self.layers.append(layer)
+                self._layers.append(layer)
                 continue
             if rule is None:
                 if self.strict:
@@ -168,14 +170,23 @@ class Capture:
             layer = rule(mname, module, trainable)
             if isinstance(layer, (GenericLayer, FunctionalLayer)):
                 layer.reason = why
-            self.layers.append(layer)
+            self._layers.append(layer)
         order = {id(p): k for k, p in enumerate(model.parameters())}
-        for layer in self.layers:
+        for layer in self._layers:
             layer.params.sort(key=lambda item: order[id(item[1])])
-        self._shared = self._find_shared()
 
-    def _find_shared(self) -> dict[int, list[tuple[CapturedLayer, int]]]:
-        """``{id(param): [(layer, index in layer.params)]}`` for parameters held by several layers."""
+    @property
+    def layers(self) -> list[CapturedLayer]:
+        """The captured layers (model order). After a forward: the ones that were called. A module never
+        called in it (T5's and BART's ``shared`` embedding, whose weight the encoder's and decoder's
+        ``embed_tokens`` and the tied ``lm_head`` use) contributes nothing of its own; its parameters are
+        counted through the modules that use them (or are exactly zero, when nothing does)."""
+        called = [layer for layer in self._layers if layer.records]
+        return called if called else list(self._layers)
+
+    @property
+    def _shared(self) -> dict[int, list[tuple[CapturedLayer, int]]]:
+        """``{id(param): [(layer, index in layer.params)]}`` for parameters held by several called layers."""
         uses: dict[int, list] = {}
         for layer in self.layers:
             for k, (_, p) in enumerate(layer.params):
@@ -213,7 +224,7 @@ class Capture:
             self._build_layers()  # requires_grad changed since this Capture was built: serve the current flags
         self.clear()
         try:
-            for layer in self.layers:
+            for layer in self._layers:
                 # prepend: record what the layer's parameters produced, before a user hook replaces the output
                 self._handles.append(layer.module.register_forward_hook(_RecordHook(layer, self), with_kwargs=True,
                                                                         prepend=True))
@@ -241,14 +252,14 @@ class Capture:
     def _report_generic(self) -> None:
         """After a forward: :attr:`generic` keeps the modules some of whose parameters the functional
         rules could not serve (said once, with the operation), and drops the others."""
-        for layer in self.layers:
+        for layer in self._layers:
             if isinstance(layer, FunctionalLayer) and layer.records:
                 slow = layer.generic_params
                 if slow:
                     self.generic[layer.name] = f"{layer.reason}; {'; '.join(slow.values())}"
                 else:
                     self.generic.pop(layer.name, None)
-        names = [f"'{layer.name}' ({self.generic[layer.name]})" for layer in self.layers if layer.name in self.generic
+        names = [f"'{layer.name}' ({self.generic[layer.name]})" for layer in self._layers if layer.name in self.generic
                  and (not isinstance(layer, FunctionalLayer) or layer.generic_params)]
         if names:
             _report_once(f"fastcurv.capture: exact but materialized generic rule for {', '.join(names)}")
@@ -266,7 +277,7 @@ class Capture:
 
     def clear(self) -> None:
         """Release the recorded tensors (and with them the forward graph)."""
-        for layer in self.layers:
+        for layer in self._layers:
             layer.clear()
         self._batch = None
         self._batch_source = None
@@ -278,7 +289,7 @@ class Capture:
     def params(self) -> list[tuple[str, nn.Parameter]]:
         """All captured ``(qualified_name, Parameter)`` pairs (a shared one once), in ``model.parameters()`` order."""
         seen, pairs = set(), []
-        for layer in self.layers:
+        for layer in self._layers:
             for name, p in layer.params:
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -306,11 +317,12 @@ class Capture:
         return f" (dim 0 of the input {shape} of {who}, the first captured module, was taken as the batch)"
 
     def _nothing_captured(self) -> str:
-        if not self.layers:
+        if not self._layers:
             return "fastcurv.capture: the model has no module with parameters requiring grad; nothing to compute"
         return (
             "fastcurv.capture: no forward was captured (run the model inside `with fastcurv.capture(model) as cap:`), "
-            "or the recorded tensors were released by clear()"
+            "the recorded tensors were released by clear(), or none of the modules holding parameters was called (a "
+            "forward that reads their parameters directly, F.linear(x, layer.weight), is not served)"
         )
 
     def _on_record(self, layer: CapturedLayer, inp) -> bool:
@@ -458,16 +470,8 @@ class Capture:
                 "captured layers follow the flags at the start of the `with` block. Change requires_grad before "
                 "entering the capture (a Capture re-reads the flags at each `with`)."
             )
-        if not self.layers or all(not layer.records for layer in self.layers):
+        if not self._layers or all(not layer.records for layer in self._layers):
             raise RuntimeError(self._nothing_captured())
-        uncalled = [layer for layer in self.layers if not layer.records]
-        if uncalled:
-            names = [describe(layer.name, layer.module) for layer in uncalled]
-            raise RuntimeError(
-                f"fastcurv.capture: {', '.join(names)} hold parameters requiring grad but were not called in the "
-                f"captured forward (or only used through their parameters by another module). If they are unused, "
-                f"freeze them or pass ignore=[{', '.join(repr(l.name) for l in uncalled)}]."
-            )
         B = self.batch_size
         if not isinstance(losses, torch.Tensor):
             raise TypeError(f"fastcurv.capture: losses must be a Tensor of per-example losses [B], got {type(losses).__name__}")
@@ -596,12 +600,12 @@ class Capture:
         edge from the losses into a captured parameter must leave from a node of its own module."""
         owners: dict[int, list[CapturedLayer]] = {}
         names: dict[int, str] = {}
-        for layer in self.layers:
+        for layer in self._layers:  # an uncalled module's parameters too: their uses must be some called module's
             for name, p in layer.params:
                 owners.setdefault(id(p), []).append(layer)
                 names[id(p)] = name
         inside: dict[int, set] = {}  # id(layer) -> autograd nodes created by its recorded calls
-        for layer in self.layers:
+        for layer in self._layers:
             nodes = inside.setdefault(id(layer), set())
             for r in layer.records:  # one walk per record: a functional site's nodes lie inside its module's call
                 stop = {t.grad_fn for t in _tensors(r.args, r.kwargs, r.input) if t.grad_fn is not None}
@@ -705,7 +709,10 @@ class Capture:
             for layer, d in zip(self.layers, deltas):
                 for (_, p), g in zip(layer.params, layer.per_example_grads(d)):
                     out[id(p)] = g if id(p) not in out else out[id(p)] + g
-            return {name: out[id(p)] for name, p in self.params}
+            B = self.batch_size
+            # a parameter whose modules were never called has gradient exactly zero
+            return {name: out[id(p)] if id(p) in out else torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device)
+                    for name, p in self.params}
 
     def _cross_terms(self, uses, deltas, gram: bool) -> torch.Tensor:
         """``sum_{l != m} <g_l, g_m>`` over the uses of one shared parameter ([B] or [B, B])."""

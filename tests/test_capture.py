@@ -413,16 +413,70 @@ def test_generic_rule_output_modified_in_place_is_refused():
         cap.per_example_sqnorms(out.sum(1))
 
 
-def test_uncalled_layer_refused_unless_ignored():
+def test_uncalled_module_adds_nothing():
+    """Parameters, not modules, are the unit: a module never called adds nothing of its own (its
+    parameters' gradients are exactly zero), and ignore= is not needed."""
     model = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2)})
     x = torch.randn(B, 3)
     with capture(model) as cap:
         out = model["a"](x)
-    with pytest.raises(RuntimeError, match=r"module 'b' \(Linear\).*not called.*ignore=\['b'\]"):
-        cap.per_example_sqnorms(out.sum(1))
+    losses = out.square().sum(1)
+    assert [layer.name for layer in cap.layers] == ["a"]
+    grads = cap.per_example_grads(losses)
+    assert set(grads) == {"a.weight", "a.bias", "b.weight", "b.bias"} and not grads["b.weight"].any()
+    want = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(l, list(model["a"].parameters()),
+                                                                          retain_graph=True)]) for l in losses])
+    torch.testing.assert_close(cap.per_example_sqnorms(losses), want.square().sum(1))
     with capture(model, ignore="b") as cap:
         out = model["a"](x)
     assert cap.per_example_sqnorms(out.sum(1)).shape == (B,)
+
+
+class _SharedOwner(nn.Module):
+    """T5's layout: ``shared`` holds the embedding and is never called; two modules tied to its weight use it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Embedding(7, 4)
+        self.enc, self.dec = nn.Embedding(7, 4), nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.enc.weight = self.dec.weight = self.head.weight = self.shared.weight
+
+    def forward(self, a, b):
+        return self.head(torch.tanh(self.enc(a) + self.dec(b).flip(1)))
+
+
+def test_uncalled_owner_of_a_shared_parameter():
+    torch.manual_seed(0)
+    model = _SharedOwner().double()
+    a, b = torch.randint(0, 7, (B, 3)), torch.randint(0, 7, (B, 3))
+    with capture(model) as cap:
+        out = model(a, b)
+    losses = out.square().sum((1, 2))
+    sq = cap.per_example_sqnorms(losses)
+    gram = cap.per_example_gram(losses)
+    G = torch.stack([torch.autograd.grad(model(a[i:i + 1], b[i:i + 1]).square().sum(), model.shared.weight)[0].flatten()
+                     for i in range(B)])
+    torch.testing.assert_close(sq, G.square().sum(1))
+    torch.testing.assert_close(gram, G @ G.T)
+    assert [n for n, _ in cap.params] == ["shared.weight"]
+
+
+def test_parameter_of_an_uncalled_module_used_outside_refused():
+    """A parameter read directly by another module's forward, through no recorded call, is still refused."""
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.inner = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.first(x) @ self.inner.weight.T.exp()
+
+    model = Reader()
+    with capture(model) as cap:
+        out = model(torch.randn(B, 3))
+    with pytest.raises(RuntimeError, match="inner.weight.*does not go through its module"):
+        cap.per_example_sqnorms(out.sum(1))
 
 
 def test_embedding_scale_grad_by_freq_refused():

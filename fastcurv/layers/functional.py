@@ -383,7 +383,8 @@ class FunctionalLayer(CapturedLayer):
         inputs = _tensors_in((args, kwargs))
         outputs = _tensors_in(output)
         B = _batch_of(first_input(args, kwargs))
-        per_example = {id(s): _rows_per_example(s, B, inputs, outputs) for s in sites} if B is not None else {}
+        per_example = {id(s): _rows_per_example(s, B, inputs, outputs, s.kind in _SHAREABLE) for s in sites} \
+            if B is not None else {}
         usable = [s for s in sites if per_example.get(id(s)) is not None]
         slow = _uncovered(self.params, usable, outputs, inputs)
         if B is None and self.params:
@@ -392,7 +393,9 @@ class FunctionalLayer(CapturedLayer):
             s.operands = {role: op for role, op in s.operands.items() if op[0].index not in slow}
             if s.operands:
                 self._add_site(s, B, per_example[id(s)])
-        if self._verified_mode != self.module.training and self._to_verify is None and isinstance(output, torch.Tensor):
+        # (an output without the batch dim, BART's learned positions [1, T, d], is shared by the examples: nothing to verify)
+        if self._verified_mode != self.module.training and self._to_verify is None and isinstance(output, torch.Tensor) \
+                and output.ndim >= 1 and output.shape[0] == B:
             inp = first_input(args, kwargs)
             self._to_verify = Record(inp, output, args, kwargs, versions=_versions(inp, output))
         if slow:
@@ -409,11 +412,12 @@ class FunctionalLayer(CapturedLayer):
         unit = self._units.get(key)
         if unit is None:
             unit = self._units[key] = _Unit(self._rule(s, roles), [(s.operands[r][0].index, s.operands[r][0].steps) for r in roles])
+        shared = per_example == 0  # its data has no batch dim: the output is shared, its deltas come [B, *output]
         regroup = (lambda t: t.reshape(B, -1, *t.shape[1:])) if per_example > 1 else (lambda t: t)
         if per_example > 1:
             self._regrouped.add(id(s.data))
-        unit.rule.records.append(Record(regroup(s.data), regroup(s.output.detach())))
-        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=s.versions, edge=s.edge))
+        unit.rule.records.append(Record(regroup(s.data), regroup(s.output.detach()), shared=shared))
+        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=s.versions, edge=s.edge, shared=shared))
         self._site_records.add(len(self.records) - 1)
         unit.records.append(len(self.records) - 1)
 
@@ -462,7 +466,7 @@ class FunctionalLayer(CapturedLayer):
         self._verify_per_example()
         parts = []
         for unit in self._units.values():
-            ds = [deltas[i].reshape(r.output.shape) for i, r in zip(unit.records, unit.rule.records)]
+            ds = [deltas[i] if r.shared else deltas[i].reshape(r.output.shape) for i, r in zip(unit.records, unit.rule.records)]
             parts.append((unit.rule, ds, unit.params))
         if self._generic_records:
             self._generic.params = [self.params[k] for k in sorted(self._slow)]
@@ -500,7 +504,8 @@ class FunctionalLayer(CapturedLayer):
 
     def batch_size_hint(self, deltas):
         for unit in self._units.values():
-            return unit.rule.records[0].input.shape[0]
+            for i, r in zip(unit.records, unit.rule.records):
+                return deltas[i].shape[0] if r.shared else r.input.shape[0]
         return self._generic.batch_size_hint([deltas[i] for i in self._generic_records])
 
     def _sqnorm(self, deltas):
@@ -558,12 +563,20 @@ def _batch_of(inp) -> Optional[int]:
     return inp.shape[0] if isinstance(inp, torch.Tensor) and inp.ndim >= 1 else None
 
 
-def _rows_per_example(s: _Site, B: int, inputs, outputs) -> Optional[int]:
+# sites whose rule takes an input without the batch dim (its output shared by the examples)
+_SHAREABLE = ("linear", "embedding")
+
+
+def _rows_per_example(s: _Site, B: int, inputs, outputs, shareable: bool = False) -> Optional[int]:
     """1 when the site's data has the batch in dim 0; T when it is ``[B*T, ...]`` rows provably flattened
-    from the module's batch-first input (or into its output): same memory, contiguous, same size."""
+    from the module's batch-first input (or into its output): same memory, contiguous, same size; 0 when the
+    data has no batch dim (an integer index tensor of size 1 in dim 0, BART's decoder positions [1, T]: the output is
+    shared by the examples, whose deltas the capture gives per example)."""
     n = s.data.shape[0] if s.data.ndim >= 1 else None
     if n == B:
         return 1
+    if shareable and n == 1 and B > 1 and not s.data.is_floating_point() and not s.data.requires_grad:
+        return 0
     if not n or B <= 0 or n % B:
         return None
 
