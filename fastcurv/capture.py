@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_leaves
 from fastcurv.layers import FunctionalLayer, GenericLayer, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, describe, rows
 from fastcurv.layers.embedding import EmbeddingLayer
+from fastcurv.layers.functional import active_calls
 from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.generic import replaying
 from fastcurv.layers.reparam import ReparamLayer, check_plain_weights, parametrization_prefixes, reparametrized
@@ -229,6 +230,8 @@ class Capture:
                 self._handles.append(layer.module.register_forward_hook(_RecordHook(layer, self), with_kwargs=True,
                                                                         prepend=True))
                 self._handles.extend(layer.install())  # after the record hook: a rule's own hooks go around it
+                self._handles.append(layer.module.register_forward_pre_hook(_push_active))
+                self._handles.append(layer.module.register_forward_hook(_pop_active, always_call=True))
             for name, bn in self._batchnorms:
                 if self.batchnorm == "frozen_stats":
                     self._patch_forward(bn, _FrozenStatsForward(bn))
@@ -795,6 +798,16 @@ class _GradProbe:
 
     def remove(self):
         self.handle.remove()
+
+
+def _push_active(module, args):
+    active_calls().append(module)
+
+
+def _pop_active(module, args, output):
+    calls = active_calls()
+    if calls and calls[-1] is module:
+        calls.pop()
 
 
 def _tensors(args, kwargs, first) -> list[torch.Tensor]:

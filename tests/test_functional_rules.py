@@ -141,14 +141,15 @@ class LinearTanh(nn.Linear):  # a subclass overriding forward
         return torch.tanh(super().forward(x)) * 2
 
 
-class TwiceScaled(nn.Module):  # one parameter at two sites, and a parameter no site serves
+class TwiceScaled(nn.Module):  # one parameter at two sites, one reaching its site through an op, one no site serves
     def __init__(self, d):
         super().__init__()
         self.w = nn.Parameter(torch.randn(d))
         self.gate = nn.Parameter(torch.randn(d))
+        self.angle = nn.Parameter(torch.randn(d))
 
     def forward(self, x):
-        return (x * self.w) * self.w + x * torch.sigmoid(self.gate)
+        return (x * self.w) * self.w + x * torch.sigmoid(self.gate) + torch.atan2(x, self.angle.exp())
 
 
 class Tokens(nn.Module):
@@ -273,11 +274,13 @@ def test_parameters_no_site_serves_take_the_generic_rule_alone():
     forward = lambda m: m(x).mean(1)  # noqa: E731
     check_against_loop(model, forward, lambda out: _losses(out, y))
     fastcurv.capture._reported.clear()
-    with pytest.warns(fastcurv.capture.GenericRuleWarning, match=r"'1' \(no fast rule for TwiceScaled; '1.gate' is used by SigmoidBackward0\)"):
+    with pytest.warns(fastcurv.capture.GenericRuleWarning, match=r"'1' \(no fast rule for TwiceScaled; '1.angle' is used by ExpBackward0\)"):
         with capture(model) as cap:
             forward(model)
     layer = next(l for l in cap.layers if l.name == "1")
-    assert list(layer.generic_params) == ["1.gate"] and list(cap.generic) == ["1"]
+    # sigmoid(gate) is a tensor of the parameters only, meeting the batch at x * (.): served there, mapped back
+    # through the sigmoid by a vector-Jacobian product
+    assert list(layer.generic_params) == ["1.angle"] and list(cap.generic) == ["1"]
 
 
 def test_unprovable_flattened_rows_take_the_generic_rule():

@@ -76,6 +76,24 @@ class _Derived:
         return _Derived(self.index, self.steps + (step,))
 
 
+@dataclass(frozen=True)
+class _General:
+    """A tensor computed from the parameters ``indices`` (and constants: index buffers, numbers) by any ops
+    (``table[index]``, ``permute``, ``torch.cat((q_bias, zeros, v_bias))``): shared by the examples, it meets
+    the batch at a site. Per-example gradients of it map back to the parameters by a batched vector-Jacobian
+    product of the (small, parameter-only) graph between them. ``key``: id of the tensor (kept in
+    ``_SiteMode.bases``). ``expand``: set when the tensor is ``base.expand(B, ...)`` (``cls_token.expand(B, -1,
+    -1)``), the shape of that base, whose own info is ``bases_info[key]``: row i is example i's copy."""
+
+    indices: frozenset
+    key: int
+    expand: Optional[tuple] = None
+
+
+def _indices(info) -> frozenset:
+    return info.indices if isinstance(info, _General) else frozenset((info.index,))
+
+
 def _forward_vectors(v: torch.Tensor, steps: tuple) -> torch.Tensor:
     """``[K, *param.shape]`` vectors carried to the derived tensor's shape."""
     K = v.shape[0]
@@ -113,39 +131,92 @@ class _Site:
     # later in the module's forward (timm's BatchNormAct2d: an in-place activation on the batch_norm result)
     # does not change it; the rules read only the output's shape
     edge: Any = None
+    others: tuple = ()  # further data inputs (the other pieces of a torch.cat): the graph walk stops at them too
+
+
+# modules of the captured layers whose forward is running, innermost last (pushed and popped by the capture's hooks):
+# a functional layer serves its children's parameters only in calls its own forward makes, not inside a child's call
+_ACTIVE: list = []
+
+
+def active_calls() -> list:
+    return _ACTIVE
 
 
 class _SiteMode(TorchFunctionMode):
-    """Records the recognized calls on one module's parameters during one forward."""
+    """Records the recognized calls on one module's parameters during one forward. ``params``: the module's own
+    parameters, then ``candidates`` more (its children's, served only where its own forward uses them directly:
+    timm BEiT's ``F.linear(x, self.qkv.weight, qkv_bias)``, torchvision Swin's ``qkv`` / ``proj`` weights)."""
 
-    def __init__(self, params: list):
+    def __init__(self, params: list, module=None, batch: Optional[int] = None, own: Optional[int] = None):
         super().__init__()
-        self.tracked: dict[int, tuple[_Derived, torch.Tensor]] = {id(p): (_Derived(k), p) for k, (_, p) in enumerate(params)}
+        self.tracked: dict[int, tuple] = {id(p): (_Derived(k), p) for k, (_, p) in enumerate(params)}
         self.sites: list[_Site] = []
+        self.module, self.batch = module, batch
+        self.own = len(params) if own is None else own
+        self.bases: dict[int, torch.Tensor] = {}  # _General.key -> the tensor (kept alive: its graph maps back)
+        self.bases_info: dict[int, object] = {}
 
-    def derived(self, t) -> Optional[_Derived]:
+    def derived(self, t):
         if isinstance(t, torch.Tensor):
             hit = self.tracked.get(id(t))
             if hit is not None and hit[1] is t:
                 return hit[0]
         return None
 
+    def _here(self) -> bool:
+        """True when the innermost running captured module is this one (a child's own call serves its parameters)."""
+        return not _ACTIVE or _ACTIVE[-1] is self.module
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not isinstance(out, torch.Tensor) or not any(self.derived(a) is not None for a in list(args) + list(kwargs.values())):
+        flat = _flat_args(args, kwargs)
+        hits = [self.derived(a) for a in flat]
+        if not isinstance(out, torch.Tensor) or all(h is None for h in hits):
             return out
+        if not self._here() and any(k >= self.own for h in hits if h is not None for k in _indices(h)):
+            return out  # a child's parameter inside a child's (or another captured module's) own call
         try:
-            self._note(func, args, kwargs, out)
+            if not self._note(func, args, kwargs, out) and isinstance(out, torch.Tensor):
+                self._propagate(func, flat, hits, args, out)
         except (TypeError, ValueError, IndexError):  # an unusual signature: not a site (the graph check sends it to the generic rule)
             pass
         return out
 
-    def _track(self, out, d: _Derived):
+    def _track(self, out, d):
         self.tracked[id(out)] = (d, out)
 
-    def _note(self, func, args, kwargs, out) -> None:
+    def _propagate(self, func, flat, hits, args, out) -> None:
+        """Any other op whose tensor inputs are derived or constant: its output is derived (general)."""
+        if not out.is_floating_point():
+            return
+        if any(h is None and isinstance(a, torch.Tensor) and a.requires_grad for a, h in zip(flat, hits)):
+            return  # mixes a parameter with data: an unrecognized site (the graph check decides)
+        if any(isinstance(h, _General) and h.expand is not None for h in hits):
+            return  # already per example: not followed further
+        indices = frozenset().union(*(_indices(h) for h in hits if h is not None))
+        d0 = hits[0] if args and isinstance(args[0], torch.Tensor) else None
+        B = self.batch
+        if func in (T.expand, T.expand_as) and d0 is not None and B and B > 1 and out.ndim == args[0].ndim \
+                and args[0].shape[0] == 1 and out.shape[0] == B:
+            base = args[0]
+            self.bases[id(base)], self.bases_info[id(base)] = base, d0
+            self._track(out, _General(indices, id(base), tuple(base.shape)))
+            return
+        info = _General(indices, id(out))
+        self.bases[id(out)], self.bases_info[id(out)] = out, info
+        self._track(out, info)
+
+    def _note(self, func, args, kwargs, out) -> bool:
+        """Records a site or a value-preserving step; False when ``func`` is neither."""
+        n = len(self.sites)
         d0 = self.derived(args[0]) if args else None
+        if isinstance(d0, _General) and (func in _CASTS or func in _RESHAPES or func in _TRANSPOSES or func in _SHIFTS):
+            return False  # steps of a general tensor: general again
+        if func in (torch.cat, torch.concat) and args and isinstance(args[0], (list, tuple)):
+            self._cat(out, list(args[0]), args[1] if len(args) > 1 else kwargs.get("dim", 0))
+            return len(self.sites) > n
         if func in _CASTS and d0 is not None and out.is_floating_point():
             self._track(out, d0 if out is args[0] else d0.then(("cast",)))
         elif func in _RESHAPES and d0 is not None:
@@ -170,16 +241,43 @@ class _SiteMode(TorchFunctionMode):
         elif func in _MULS or func in (T.add, torch.add):
             if len(args) == 2 and kwargs.get("alpha", 1) == 1:
                 self._elementwise("scale" if func in _MULS else "shift", out, *args)
+            return len(self.sites) > n
+        else:
+            return False
+        return True
+
+    def _cat(self, out, pieces, dim) -> None:
+        """``torch.cat((cls_token.expand(B, -1, -1), x), dim=1)``: the derived pieces are per example (expanded to
+        the batch); the data pieces are batched. Example i's gradient of a piece is its slice of delta_i."""
+        if out.ndim < 2:
+            return
+        dim = dim % out.ndim
+        if dim == 0:
+            return
+        operands, data, offset, slices = {}, [], 0, []
+        for j, t in enumerate(pieces):
+            d = self.derived(t)
+            if d is not None:
+                if not (isinstance(d, _General) and d.expand is not None):
+                    return
+                operands[f"piece{j}"] = (d, t)
+                slices.append((f"piece{j}", offset, t.shape[dim]))
+            elif isinstance(t, torch.Tensor):
+                data.append(t)
+            offset += t.shape[dim]
+        if operands and data:
+            self._add("cat", out, data[0], operands, extra=(dim, tuple(slices)), others=tuple(data[1:]))
 
     def _operand(self, t):
         d = self.derived(t)
         return None if d is None else (d, t)
 
-    def _add(self, kind, out, data, operands, extra=(), saved=None):
+    def _add(self, kind, out, data, operands, extra=(), saved=None, others=()):
         operands = {role: op for role, op in operands.items() if op is not None}
         if operands and isinstance(data, torch.Tensor) and self.derived(data) is None:
             edge = get_gradient_edge(out) if out.requires_grad else None
-            self.sites.append(_Site(kind, out, data, operands, extra, saved or {}, versions=_versions(data, out), edge=edge))
+            self.sites.append(_Site(kind, out, data, operands, extra, saved or {}, versions=_versions(data, out), edge=edge,
+                                    others=others))
 
     def _linear(self, out, x, w, b, transposed):
         if not isinstance(w, torch.Tensor) or w.ndim != 2 or (isinstance(b, torch.Tensor) and b.ndim != 1):
@@ -295,6 +393,21 @@ class _Broadcast(CapturedLayer):
         return [total]
 
 
+class _Cat(CapturedLayer):
+    """The derived pieces of a ``torch.cat`` with batched data: example i's gradient of a piece (row i of a
+    tensor expanded to the batch) is its slice of delta_i, ``[B, *piece.shape[1:]]``."""
+
+    def __init__(self, name, module, params, dim, slices):
+        super().__init__(name, module, params)
+        self.dim, self.slices = dim, slices
+
+    def _per_example_grads(self, deltas):
+        out = []
+        for _, offset, size in self.slices:
+            out.append(sum(d.narrow(self.dim, offset, size) for d in deltas))
+        return out
+
+
 @dataclass
 class _Unit:
     """One fast rule instance over the sites with the same kind, parameters and call details."""
@@ -317,6 +430,15 @@ class FunctionalLayer(CapturedLayer):
 
     def __init__(self, name, module, params):
         super().__init__(name, module, params)
+        self._own = len(params)  # own parameters first in self.params; children's used by this forward follow
+        own = {id(p) for _, p in params}
+        prefix = f"{name}." if name else ""
+        # children's parameters this forward may read directly (BEiT's self.qkv.weight): served here when it does
+        self._candidates = [(f"{prefix}{c}.{n}", p) for c, child in module.named_children()
+                            for n, p in child.named_parameters(recurse=False) if p.requires_grad and id(p) not in own]
+        self._all = list(params) + self._candidates
+        self._bases: dict = {}
+        self._bases_info: dict = {}
         self._modes: list = []
         self._units: dict = {}
         self._generic = GenericLayer(name, module, params)
@@ -334,11 +456,12 @@ class FunctionalLayer(CapturedLayer):
     def install(self) -> list:
         """Pushes the site recorder for the forward and pops it when the forward ends (also on an error),
         before the capture's record hook runs (prepended)."""
-        def push(module, args):
+        def push(module, args, kwargs):
             if replaying():
                 self._modes.append(None)
                 return
-            mode = _SiteMode(self.params)
+            self._all = list(self.params[:self._own]) + self._candidates
+            mode = _SiteMode(self._all, module, _batch_of(first_input(args, kwargs)), own=self._own)
             mode.__enter__()
             self._modes.append(mode)
 
@@ -347,12 +470,16 @@ class FunctionalLayer(CapturedLayer):
             if mode is not None:
                 mode.__exit__(None, None, None)
                 self._pending = mode.sites
+                self._bases.update(mode.bases)
+                self._bases_info.update(mode.bases_info)
 
-        return [self.module.register_forward_pre_hook(push),
+        return [self.module.register_forward_pre_hook(push, with_kwargs=True),
                 self.module.register_forward_hook(pop, always_call=True, prepend=True)]
 
     def clear(self):
         super().clear()
+        del self.params[self._own:]  # children's parameters are adopted again by the next forward that uses them
+        self._bases, self._bases_info = {}, {}
         self._units = {}
         self._generic.clear()
         self._generic_records = []
@@ -364,7 +491,7 @@ class FunctionalLayer(CapturedLayer):
     @property
     def generic_params(self) -> dict[str, str]:
         """``{param name: why}`` for the parameters served by the generic rule in the captured forward."""
-        return {self.params[k][0]: why for k, why in self._slow.items()}
+        return {self._all[k][0]: why for k, why in self._slow.items()}
 
     def check_input(self, inp):
         pass  # any call signature: sites carry their own inputs
@@ -386,18 +513,26 @@ class FunctionalLayer(CapturedLayer):
         per_example = {id(s): _rows_per_example(s, B, inputs, outputs, s.kind in _SHAREABLE) for s in sites} \
             if B is not None else {}
         usable = [s for s in sites if per_example.get(id(s)) is not None]
-        slow = _uncovered(self.params, usable, outputs, inputs)
+        slow = _uncovered(self._all, usable, outputs, inputs, self._own)
         if B is None and self.params:
-            slow = {k: "its first input has no batch dim" for k in range(len(self.params))}
+            slow = {k: "its first input has no batch dim" for k in range(self._own)}
         for s in usable:
-            s.operands = {role: op for role, op in s.operands.items() if op[0].index not in slow}
-            if s.operands:
-                self._add_site(s, B, per_example[id(s)])
+            s.operands = {role: op for role, op in s.operands.items() if not (_indices(op[0]) & set(slow))}
+            general = {role: op for role, op in s.operands.items() if isinstance(op[0], _General)}
+            plain = {role: op for role, op in s.operands.items() if role not in general}
+            # a general operand's part is materialized; the plain ones keep their fast norms (BEiT: F.linear's weight
+            # on the ghost/Linear rule, its bias torch.cat((q_bias, k_zeros, v_bias)) mapped back through the cat)
+            for group in (plain, general):
+                if group:
+                    self._add_site(_Site(s.kind, s.output, s.data, group, s.extra, s.saved, versions=s.versions, edge=s.edge,
+                                         others=s.others), B,
+                                   per_example[id(s)])
         # (an output without the batch dim, BART's learned positions [1, T, d], is shared by the examples: nothing to verify)
         if self._verified_mode != self.module.training and self._to_verify is None and isinstance(output, torch.Tensor) \
                 and output.ndim >= 1 and output.shape[0] == B:
             inp = first_input(args, kwargs)
             self._to_verify = Record(inp, output, args, kwargs, versions=_versions(inp, output))
+        slow = {k: why for k, why in slow.items() if k < self._own}  # a child's parameter is then not adopted
         if slow:
             self._slow.update({k: why for k, why in slow.items() if k not in self._slow})
             replacement = self._generic.record(args, kwargs, output)  # any output pytree, as the generic rule takes it
@@ -407,11 +542,14 @@ class FunctionalLayer(CapturedLayer):
         return None
 
     def _add_site(self, s: _Site, B: int, per_example: int) -> None:
-        roles = [r for r in ("weight", "bias") if r in s.operands]
+        roles = [r for r in ("weight", "bias") if r in s.operands] + sorted(r for r in s.operands if r.startswith("piece"))
         key = (s.kind, s.extra, tuple((r, s.operands[r][0]) for r in roles), tuple(id(v) for v in s.saved.values()))
         unit = self._units.get(key)
         if unit is None:
-            unit = self._units[key] = _Unit(self._rule(s, roles), [(s.operands[r][0].index, s.operands[r][0].steps) for r in roles])
+            unit = self._units[key] = _Unit(self._rule(s, roles), [_entry(s.operands[r][0]) for r in roles])
+        for k in set().union(*(_indices(s.operands[r][0]) for r in roles)):
+            if k >= self._own and all(p is not self._all[k][1] for _, p in self.params):
+                self.params.append(self._all[k])  # a child's parameter this forward used directly
         shared = per_example == 0  # its data has no batch dim: the output is shared, its deltas come [B, *output]
         regroup = (lambda t: t.reshape(B, -1, *t.shape[1:])) if per_example > 1 else (lambda t: t)
         if per_example > 1:
@@ -422,7 +560,7 @@ class FunctionalLayer(CapturedLayer):
         unit.records.append(len(self.records) - 1)
 
     def _rule(self, s: _Site, roles: list) -> CapturedLayer:
-        params = [(self.params[s.operands[r][0].index][0], s.operands[r][1]) for r in roles]
+        params = [(self._all[min(_indices(s.operands[r][0]))][0], s.operands[r][1]) for r in roles]
         weight = s.operands.get("weight", (None, None))[1]
         bias = s.operands.get("bias", (None, None))[1]
         if s.kind == "linear":
@@ -443,11 +581,15 @@ class FunctionalLayer(CapturedLayer):
                                                          padding_idx=padding_idx, scale_grad_by_freq=False), params)
         elif s.kind == "norm":
             rule = _FunctionalNorm(self.name, _SiteModule(self.module, weight=weight, bias=bias), params, s.extra, s.saved)
+        elif s.kind == "cat":
+            rule = _Cat(self.name, self.module, params, s.extra[0], [next(sl for sl in s.extra[1] if sl[0] == r) for r in roles])
         else:
             rule = _Broadcast(self.name, self.module, params, s.kind, s.extra[0])
         return rule
 
     # ------------------------------------------------------------------ quantities
+    # Internally a parameter is its index k in self._all (own parameters, then the children's candidates); the
+    # public lists are aligned with self.params (own, then the children's this forward used).
     def _verify_per_example(self) -> None:
         rec, self._to_verify = self._to_verify, None
         if isinstance(self.module, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(self.module):
@@ -462,45 +604,71 @@ class FunctionalLayer(CapturedLayer):
             self._verified_mode = self.module.training
 
     def _parts(self, deltas):
-        """``[(rule, its deltas, [(param index, steps)])]`` for the fast units and the generic part."""
+        """``[(rule, its deltas, [entry])]`` for the fast units and the generic part; an entry is ``(k, steps)``
+        or ``("general", _General)``."""
         self._verify_per_example()
         parts = []
         for unit in self._units.values():
             ds = [deltas[i] if r.shared else deltas[i].reshape(r.output.shape) for i, r in zip(unit.records, unit.rule.records)]
             parts.append((unit.rule, ds, unit.params))
-        if self._generic_records:
-            self._generic.params = [self.params[k] for k in sorted(self._slow)]
+        if self._generic_records and self._slow:
+            self._generic.params = [self._all[k] for k in sorted(self._slow)]
             parts.append((self._generic, [deltas[i] for i in self._generic_records], [(k, ()) for k in sorted(self._slow)]))
         return parts
 
     def _split(self, deltas):
-        """Parts whose parameters no other part touches (their fast norms add up), and the shared rest."""
+        """Parts whose parameters no other part touches (their fast norms add up), and the shared rest (a general
+        operand's part is always in the rest: it maps back to its parameters through a vector-Jacobian product)."""
         parts = self._parts(deltas)
         count: dict[int, int] = {}
         for _, _, ps in parts:
-            for k, _ in ps:
-                count[k] = count.get(k, 0) + 1
-        alone = [p for p in parts if all(count[k] == 1 for k, _ in p[2])]
-        shared = [p for p in parts if not all(count[k] == 1 for k, _ in p[2])]
-        return alone, shared
+            for e in ps:
+                for k in _entry_indices(e):
+                    count[k] = count.get(k, 0) + 1
+        def alone_ok(p):
+            return all(e[0] != "general" and count[e[0]] == 1 for e in p[2])
+        return [p for p in parts if alone_ok(p)], [p for p in parts if not alone_ok(p)]
 
     def _shared_grads(self, shared) -> dict[int, torch.Tensor]:
         grads: dict[int, torch.Tensor] = {}
         for rule, ds, ps in shared:
-            for (k, steps), g in zip(ps, rule.per_example_grads(ds)):
-                g = _back_to_param(g, steps, self.params[k][1])
-                grads[k] = g if k not in grads else grads[k] + g
+            for e, g in zip(ps, rule.per_example_grads(ds)):
+                for k, gk in self._back(e, g).items():
+                    grads[k] = gk if k not in grads else grads[k] + gk
         return grads
+
+    def _back(self, entry, g) -> dict[int, torch.Tensor]:
+        """Per-example gradients ``g`` of an entry's tensor -> ``{k: [B, *param k shape]}``."""
+        if entry[0] != "general":
+            k, steps = entry
+            return {k: _back_to_param(g, steps, self._all[k][1])}
+        info = entry[1]
+        if info.expand is not None:  # g [B, *piece.shape[1:]]: example i's row of base.expand(B, ...)
+            base_shape = info.expand
+            dims = tuple(j for j in range(1, g.ndim) if base_shape[j] == 1 and g.shape[j] != 1)
+            g = (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *base_shape)
+            return self._back(_entry(self._bases_info[info.key]), g)
+        base = self._bases[info.key]
+        ks = sorted(info.indices)
+        with torch.enable_grad():
+            vjps = torch.autograd.grad(base, [self._all[k][1] for k in ks], g.to(base.dtype), is_grads_batched=True,
+                                       retain_graph=True, create_graph=g.requires_grad, allow_unused=True)
+        B = g.shape[0]
+        return {k: torch.zeros(B, *self._all[k][1].shape, dtype=g.dtype, device=g.device) if v is None else v
+                for k, v in zip(ks, vjps)}
+
+    def _public(self, by_k: dict, size: int, fill) -> list:
+        index = {id(p): k for k, (_, p) in enumerate(self._all)}
+        return [by_k[index[id(p)]] if index[id(p)] in by_k else fill(p) for _, p in self.params]
 
     def _per_example_grads(self, deltas):
         alone, shared = self._split(deltas)
         grads = self._shared_grads(shared)
         for rule, ds, ps in alone:
             for (k, steps), g in zip(ps, rule.per_example_grads(ds)):
-                grads[k] = _back_to_param(g, steps, self.params[k][1])
+                grads[k] = _back_to_param(g, steps, self._all[k][1])
         B = self.batch_size_hint(deltas)
-        return [grads[k] if k in grads else torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device)
-                for k, (_, p) in enumerate(self.params)]
+        return self._public(grads, B, lambda p: torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device))
 
     def batch_size_hint(self, deltas):
         for unit in self._units.values():
@@ -523,12 +691,14 @@ class FunctionalLayer(CapturedLayer):
         return total
 
     def _dot(self, deltas, vectors):
+        index = {id(p): k for k, (_, p) in enumerate(self._all)}
+        by_k = {index[id(p)]: v for (_, p), v in zip(self.params, vectors)}
         alone, shared = self._split(deltas)
         total = 0
         for rule, ds, ps in alone:
-            total = total + rule.dot(ds, [_forward_vectors(vectors[k], steps).to(p.dtype) for (k, steps), (_, p) in zip(ps, rule.params)])
+            total = total + rule.dot(ds, [_forward_vectors(by_k[k], steps).to(p.dtype) for (k, steps), (_, p) in zip(ps, rule.params)])
         for k, g in self._shared_grads(shared).items():
-            total = total + rows(g) @ rows(vectors[k]).to(g.dtype).T
+            total = total + rows(g) @ rows(by_k[k]).to(g.dtype).T
         return total
 
     def _weighted_grad_sum(self, deltas, coeffs):
@@ -536,12 +706,30 @@ class FunctionalLayer(CapturedLayer):
         out: dict[int, torch.Tensor] = {}
         for rule, ds, ps in alone:
             for (k, steps), w in zip(ps, rule.weighted_grad_sum(ds, coeffs)):
-                out[k] = _back_to_param(w, steps, self.params[k][1])
+                out[k] = _back_to_param(w, steps, self._all[k][1])
         for k, g in self._shared_grads(shared).items():
             out[k] = (coeffs.to(g.dtype).T @ rows(g)).reshape(coeffs.shape[1], *g.shape[1:])
         K = coeffs.shape[1]
-        return [out[k] if k in out else torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device)
-                for k, (_, p) in enumerate(self.params)]
+        return self._public(out, K, lambda p: torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device))
+
+
+def _entry(info) -> tuple:
+    return ("general", info) if isinstance(info, _General) else (info.index, info.steps)
+
+
+def _entry_indices(entry) -> frozenset:
+    return entry[1].indices if entry[0] == "general" else frozenset((entry[0],))
+
+
+def _flat_args(args, kwargs) -> list:
+    """The call's arguments, one level of lists / tuples opened (torch.cat's pieces)."""
+    flat = []
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            flat.extend(a)
+        else:
+            flat.append(a)
+    return flat
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -600,8 +788,9 @@ def _walk(starts, stops) -> set:
     return nodes
 
 
-def _uncovered(params, sites, outputs, inputs) -> dict[int, str]:
-    """``{param index: the op}`` for parameters some graph edge reaches other than through one of their sites."""
+def _uncovered(params, sites, outputs, inputs, own=None) -> dict[int, str]:
+    """``{param index: the op}`` for parameters some graph edge reaches other than through one of their sites (a
+    child's parameter, index >= ``own``, is then not served here: a use inside the child's own call is the child's)."""
     index = {id(p): k for k, (_, p) in enumerate(params)}
     owners: dict = {}  # autograd node -> site indices it belongs to
     site_outputs = set()
@@ -610,7 +799,7 @@ def _uncovered(params, sites, outputs, inputs) -> dict[int, str]:
         if node is None:
             continue
         site_outputs.add(node)
-        for node in _walk([node], {s.data.grad_fn} - {None}):
+        for node in _walk([node], {t.grad_fn for t in (s.data,) + tuple(s.others)} - {None}):
             owners.setdefault(node, set()).add(j)
     slow: dict[int, str] = {}
     module_nodes = _walk([t.grad_fn for t in outputs], {t.grad_fn for t in inputs} - {None})
@@ -622,10 +811,11 @@ def _uncovered(params, sites, outputs, inputs) -> dict[int, str]:
             var = getattr(fn, "variable", None)
             k = index.get(id(var)) if var is not None else None
             if k is not None:
-                if not any(any(op[0].index == k for op in sites[j].operands.values()) for j in mine):
+                if not any(any(k in _indices(op[0]) for op in sites[j].operands.values()) for j in mine):
                     slow.setdefault(k, f"'{params[k][0]}' is used by {type(node).__name__}")
             elif var is None and fn in owners and fn not in site_outputs and not (owners[fn] & mine):
                 for j in owners[fn]:
                     for op in sites[j].operands.values():
-                        slow.setdefault(op[0].index, f"'{params[op[0].index][0]}' is used by {type(node).__name__}")
+                        for k in _indices(op[0]):
+                            slow.setdefault(k, f"'{params[k][0]}' is used by {type(node).__name__}")
     return slow
