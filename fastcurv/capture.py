@@ -425,6 +425,10 @@ class Capture:
                 layer = next(layer for layer, rr in batched if rr is r)
                 if r.rows_per_example > 1:
                     self._rows_verdicts.pop(self._rows_key(layer, r), None)
+                    fallback = getattr(layer, "rows_fallback", None)
+                    if fallback is not None and fallback(r):  # a functional layer's tentative rows: the generic rule
+                        self._report_generic()
+                        continue
                     raise RuntimeError(
                         f"fastcurv.capture: {describe(layer.name, layer.module)} got [B*T, ...] rows "
                         f"{(r.input.shape[0] * r.input.shape[1],) + tuple(r.input.shape[2:])} with batch size "
@@ -508,7 +512,8 @@ class Capture:
 
     @staticmethod
     def _rows_key(layer, r) -> tuple:
-        return (layer.name, layer.records.index(r), tuple(r.input.shape), layer.module.training)
+        return (layer.name, next(k for k, rr in enumerate(layer.records) if rr is r), tuple(r.input.shape),
+                layer.module.training)
 
     def _rows_proven(self, layer: CapturedLayer, r) -> bool:
         """A regrouped record's layout is proven when its input is a contiguous flattening of a [B, ...]

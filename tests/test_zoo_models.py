@@ -306,6 +306,38 @@ class _Seq2Seq(nn.Module):
         return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids)
 
 
+def timm_beit(fused=None, B=3):
+    """timm BEiT (tiny config): relative-position tables (``table[index]``, fed to the fused attention's
+    ``attn_mask`` as built, or added to the scores in eager attention), ``torch.cat((q_bias, k_zeros, v_bias))`` as the
+    bias of ``F.linear(x, self.qkv.weight, ...)`` (the child ``qkv`` is never called), layer-scale gammas, cls_token."""
+    def build():
+        timm = import_timm()
+        from timm.layers import config
+        old = config._USE_FUSED_ATTN
+        if fused is not None:
+            config._USE_FUSED_ATTN = int(fused)
+        try:
+            net = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                                    embed_dim=16, depth=2, num_heads=2, init_values=0.5)
+        finally:
+            config._USE_FUSED_ATTN = old
+        return _Classifier(net), _images(B, 32), class_ce
+    return build
+
+
+def tv_swin_tiny(B=3):
+    """torchvision's SwinTransformer (swin_t's blocks) at embed_dim 8, depths [2, 2], 2x2 windows on 16x16 images:
+    shifted windows flattened into [B * windows, ...] rows, qkv / proj weights read by the parent's forward, the
+    relative-position table."""
+    def build():
+        import_torchvision()
+        from torchvision.models.swin_transformer import SwinTransformer
+        net = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=[2, 2],
+                              stochastic_depth_prob=0.0, num_classes=10)
+        return _Classifier(net), _images(B, 16), class_ce
+    return build
+
+
 TRAIN = ("eval", "frozen_stats", "exact")
 
 def tv_efficientnet_b0_narrow(**kw):
@@ -354,6 +386,11 @@ CASES = [
     ZooCase("HF T5 (tied lm_head)", hf_seq2seq("t5"), penalty=False),
     ZooCase("HF T5 (untied lm_head)", hf_seq2seq("t5", tied=False), penalty=False),
     ZooCase("HF BART", hf_seq2seq("bart")),
+    # parameters read directly by a parent's forward, served there (fastcurv/layers/functional.py)
+    # fused attention as built: the penalty needs the double backward of torch's fused CPU attention, which it lacks
+    ZooCase("timm beit (fused attention)", timm_beit(), penalty=False),
+    ZooCase("timm beit (eager attention)", timm_beit(fused=False)),
+    ZooCase("torchvision swin_t blocks (tiny)", tv_swin_tiny()),
 ]
 
 

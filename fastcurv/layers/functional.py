@@ -34,6 +34,7 @@ the module's batch-first input flattened (the same memory, contiguous) or its ou
 parameters take the generic rule."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -238,6 +239,9 @@ class _SiteMode(TorchFunctionMode):
             self._embedding(out, *args, **kwargs)
         elif func in (F.layer_norm, F.rms_norm, F.batch_norm):
             self._norm(func, out, args, kwargs)
+        elif func is F.scaled_dot_product_attention:
+            self._sdpa(out, args, kwargs)
+            return len(self.sites) > n
         elif func in _MULS or func in (T.add, torch.add):
             if len(args) == 2 and kwargs.get("alpha", 1) == 1:
                 self._elementwise("scale" if func in _MULS else "shift", out, *args)
@@ -267,6 +271,20 @@ class _SiteMode(TorchFunctionMode):
             offset += t.shape[dim]
         if operands and data:
             self._add("cat", out, data[0], operands, extra=(dim, tuple(slices)), others=tuple(data[1:]))
+
+    def _sdpa(self, out, args, kwargs) -> None:
+        """``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`` with a derived float bias (timm BEiT's fused
+        attention with its relative-position table): example i's gradient of the bias is its score gradient."""
+        call = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args), **kwargs)
+        q, k, v, mask = call.get("query"), call.get("key"), call.get("value"), call.get("attn_mask")
+        if not isinstance(mask, torch.Tensor) or not mask.is_floating_point() or call.get("dropout_p", 0.0) \
+                or call.get("is_causal", False) or call.get("enable_gqa", False) or q.ndim != 4 or mask.ndim > 4:
+            return
+        if any(self.derived(t) is not None for t in (q, k, v)) or k.shape[-3] != q.shape[-3]:
+            return
+        scale = call.get("scale")
+        self._add("sdpa", out, q, {"weight": self._operand(mask)}, extra=(None if scale is None else float(scale),),
+                  others=(k, v))
 
     def _operand(self, t):
         d = self.derived(t)
@@ -393,6 +411,35 @@ class _Broadcast(CapturedLayer):
         return [total]
 
 
+class _SdpaMask(CapturedLayer):
+    """The float ``attn_mask`` of ``F.scaled_dot_product_attention`` (no dropout, not causal): with
+    ``P = softmax(q k^T * scale + mask)`` and the output's delta ``dO``, example i's gradient of the mask is
+    ``dS_i = P_i * (dP_i - rowsum(dP_i * P_i))``, ``dP_i = dO_i v_i^T``, summed over the dims the mask was broadcast
+    along: ``[B, *mask.shape]`` (the attention is recomputed, in the rule's dtype, differentiably)."""
+
+    def __init__(self, name, module, params, scale):
+        super().__init__(name, module, params)
+        self.scale = scale
+
+    def _per_example_grads(self, deltas):
+        (_, mask), = self.params
+        total = 0
+        for r, d in zip(self.records, deltas):
+            q, (k, v) = r.input, r.args
+            dtype = torch.promote_types(torch.promote_types(q.dtype, d.dtype), mask.dtype)
+            q, k, v, d, m = q.to(dtype), k.to(dtype), v.to(dtype), d.to(dtype), mask.to(dtype)
+            scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+            P = torch.softmax(q @ k.transpose(-1, -2) * scale + m, dim=-1)
+            dP = d @ v.transpose(-1, -2)
+            dS = P * (dP - (dP * P).sum(-1, keepdim=True))
+            lead = dS.ndim - m.ndim
+            dims = tuple(range(1, lead)) + tuple(lead + j for j, n in enumerate(m.shape)
+                                                 if n == 1 and lead + j > 0 and dS.shape[lead + j] != 1)
+            g = dS.sum(dims, keepdim=True) if dims else dS
+            total = total + g.reshape(g.shape[0], *m.shape)
+        return [total]
+
+
 class _Cat(CapturedLayer):
     """The derived pieces of a ``torch.cat`` with batched data: example i's gradient of a piece (row i of a
     tensor expanded to the batch) is its slice of delta_i, ``[B, *piece.shape[1:]]``."""
@@ -439,6 +486,7 @@ class FunctionalLayer(CapturedLayer):
         self._all = list(params) + self._candidates
         self._bases: dict = {}
         self._bases_info: dict = {}
+        self._calls = self._generic_calls = 0  # calls recorded, and those with a generic record
         self._modes: list = []
         self._units: dict = {}
         self._generic = GenericLayer(name, module, params)
@@ -476,8 +524,30 @@ class FunctionalLayer(CapturedLayer):
         return [self.module.register_forward_pre_hook(push, with_kwargs=True),
                 self.module.register_forward_hook(pop, always_call=True, prepend=True)]
 
+    def rows_fallback(self, record) -> bool:
+        """The capture's check found that ``record``'s tentative [B*T, ...] rows are not T consecutive rows per
+        example: its parameters (and those sharing a unit with them) go to the generic rule, whose record of every
+        call is there. False (the capture refuses) when a child's parameter is among them, or a call has no
+        generic record."""
+        i = next(j for j, r in enumerate(self.records) if r is record)
+        ks = set().union(*(_entry_indices(e) for unit in self._units.values() if i in unit.records for e in unit.params))
+        while True:
+            touched = [key for key, unit in self._units.items() if any(_entry_indices(e) & ks for e in unit.params)]
+            more = set().union(ks, *(_entry_indices(e) for key in touched for e in self._units[key].params))
+            if more == ks:
+                break
+            ks = more
+        if any(k >= self._own for k in ks) or self._generic_calls != self._calls:
+            return False
+        for key in touched:
+            del self._units[key]
+        for k in ks:
+            self._slow.setdefault(k, f"'{self._all[k][0]}' is fed rows that are not T consecutive rows per example")
+        return True
+
     def clear(self):
         super().clear()
+        self._calls = self._generic_calls = 0
         del self.params[self._own:]  # children's parameters are adopted again by the next forward that uses them
         self._bases, self._bases_info = {}, {}
         self._units = {}
@@ -533,7 +603,16 @@ class FunctionalLayer(CapturedLayer):
             inp = first_input(args, kwargs)
             self._to_verify = Record(inp, output, args, kwargs, versions=_versions(inp, output))
         slow = {k: why for k, why in slow.items() if k < self._own}  # a child's parameter is then not adopted
+        self._calls += 1
+        if any(per_example[id(s)] < 0 for s in usable) and not slow:
+            # the generic rule's record of this call, kept in case the capture's rows check fails
+            self._generic.record(args, kwargs, output)
+            self.records.append(self._generic.records[-1])
+            self._generic_records.append(len(self.records) - 1)
+            self._generic_calls += 1
+            return None
         if slow:
+            self._generic_calls += 1
             self._slow.update({k: why for k, why in slow.items() if k not in self._slow})
             replacement = self._generic.record(args, kwargs, output)  # any output pytree, as the generic rule takes it
             self.records.append(self._generic.records[-1])
@@ -551,11 +630,15 @@ class FunctionalLayer(CapturedLayer):
             if k >= self._own and all(p is not self._all[k][1] for _, p in self.params):
                 self.params.append(self._all[k])  # a child's parameter this forward used directly
         shared = per_example == 0  # its data has no batch dim: the output is shared, its deltas come [B, *output]
+        tentative = per_example < 0  # [B*T, ...] rows the capture checks (the record says so: rows_per_example)
+        per_example = abs(per_example)
         regroup = (lambda t: t.reshape(B, -1, *t.shape[1:])) if per_example > 1 else (lambda t: t)
         if per_example > 1:
             self._regrouped.add(id(s.data))
-        unit.rule.records.append(Record(regroup(s.data), regroup(s.output.detach()), shared=shared))
-        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=s.versions, edge=s.edge, shared=shared))
+        unit.rule.records.append(Record(regroup(s.data), regroup(s.output.detach()), shared=shared,
+                                        args=tuple(regroup(t) for t in s.others)))
+        self.records.append(Record(s.data, s.output, (s.data,), {}, versions=s.versions, edge=s.edge, shared=shared,
+                                   rows_per_example=per_example if tentative else 1))
         self._site_records.add(len(self.records) - 1)
         unit.records.append(len(self.records) - 1)
 
@@ -581,6 +664,8 @@ class FunctionalLayer(CapturedLayer):
                                                          padding_idx=padding_idx, scale_grad_by_freq=False), params)
         elif s.kind == "norm":
             rule = _FunctionalNorm(self.name, _SiteModule(self.module, weight=weight, bias=bias), params, s.extra, s.saved)
+        elif s.kind == "sdpa":
+            rule = _SdpaMask(self.name, self.module, params, s.extra[0])
         elif s.kind == "cat":
             rule = _Cat(self.name, self.module, params, s.extra[0], [next(sl for sl in s.extra[1] if sl[0] == r) for r in roles])
         else:
@@ -774,7 +859,9 @@ def _rows_per_example(s: _Site, B: int, inputs, outputs, shareable: bool = False
 
     if any(flattened(s.data, t) for t in inputs) or any(flattened(s.output, t) for t in outputs):
         return n // B
-    return None
+    # rows not provably flattened batch-first (torchvision Swin's windows: x.view(B, ...).permute(...).reshape(B * nW,
+    # ...)): tentatively T consecutive rows per example; the capture checks that with one random-weighted backward
+    return -(n // B) if n > B else None
 
 
 def _walk(starts, stops) -> set:
