@@ -301,7 +301,12 @@ class _SiteMode(TorchFunctionMode):
         if not isinstance(w, torch.Tensor) or w.ndim != 2 or (isinstance(b, torch.Tensor) and b.ndim != 1):
             return
         weight = self._operand(w)
-        if weight is not None and transposed:  # addmm / matmul take W as [in, out]
+        if weight is not None and transposed and isinstance(weight[0], _General):  # x @ (A @ B): its own base, w.t()
+            wt = w.t()
+            info = _General(weight[0].indices, id(wt))
+            self.bases[id(wt)], self.bases_info[id(wt)] = wt, info
+            weight = (info, wt)
+        elif weight is not None and transposed:  # addmm / matmul take W as [in, out]
             weight = (weight[0].then(("t",)), w.t())
         self._add("linear", out, x, {"weight": weight, "bias": self._operand(b)},
                   extra=(tuple((w.t() if transposed else w).shape),))
