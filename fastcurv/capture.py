@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from fastcurv.layers import FunctionalLayer, GenericLayer, registered_types, rule_for
-from fastcurv.layers.base import CapturedLayer, describe, rows
+from fastcurv.layers.base import CapturedLayer, Record, describe, rows
 from fastcurv.layers.embedding import EmbeddingLayer
 from fastcurv.layers.functional import active_calls
 from fastcurv.layers.linear import LinearLayer
@@ -116,6 +116,7 @@ class Capture:
         self._generic_batch = None
         self._coupled: list[str] = []  # BatchNorms that normalized with batch statistics (mode "exact")
         self._ignore = ignore
+        self._leaves = None
         self._build_layers()
 
     def _build_layers(self) -> None:
@@ -182,7 +183,7 @@ class Capture:
         called in it (T5's and BART's ``shared`` embedding, whose weight the encoder's and decoder's
         ``embed_tokens`` and the tied ``lm_head`` use) contributes nothing of its own; its parameters are
         counted through the modules that use them (or are exactly zero, when nothing does)."""
-        called = [layer for layer in self._layers if layer.records]
+        called = [layer for layer in self._layers if layer.records] + list(self._leaves or ())
         return called if called else list(self._layers)
 
     @property
@@ -286,6 +287,7 @@ class Capture:
         self._batch_source = None
         self._generic_batch = None  # (size, module, input shape) from a generic module's input, used when no fast rule ran
         self._coupled = []
+        self._leaves = None  # parameters read directly, outside any called module of theirs (see _find_leaves)
 
     # ---------------------------------------------------------------- state
     @property
@@ -344,6 +346,8 @@ class Capture:
                     "module has set the batch size)"
                 )
             return True
+        if isinstance(inp, nn.Parameter) and (layer.supports_shared_input or getattr(layer, "accepts_parameter_input", False)):
+            return True  # a parameter fed to a module (DeBERTa's LayerNorm(rel_embeddings.weight)): shared, whatever its size
         if self._batch is None:
             self._batch = n
             self._batch_source = (describe(layer.name, layer.module), tuple(inp.shape))
@@ -388,6 +392,8 @@ class Capture:
                 f"fastcurv.capture: {', '.join(self._coupled)} normalized with batch statistics and batchnorm='exact': "
                 "examples interact, so there are no per-layer deltas; use the Capture's per_example_* methods"
             )
+        if self._leaves is None:
+            self._leaves = self._find_leaves(losses)
         records = [(layer, r) for layer in self.layers for r in layer.records]
         batched = [(layer, r) for layer, r in records if not r.shared]
         shared = [(layer, r) for layer, r in records if r.shared]
@@ -447,7 +453,8 @@ class Capture:
                 r.shared = True  # its output is shared by the examples: per-example deltas below
                 shared.append((layer, r))
             if shared:
-                self._say_shared([(layer, r) for layer, r in shared if r.edge is not None])
+                self._say_shared([(layer, r) for layer, r in shared if r.edge is not None
+                                  and not isinstance(layer, _ParameterLeaf)])
                 found.update(self._per_example_deltas(losses, [r for _, r in shared], create_graph))
         if not found:
             raise RuntimeError(
@@ -469,6 +476,30 @@ class Capture:
                 ds.append(d)
             out.append(ds[0] if len(ds) == 1 else ds)
         return out, extra
+
+    def _find_leaves(self, losses) -> list:
+        """Parameters the losses reach although none of their modules was called: read directly by another
+        module's forward (DeBERTa-v2's encoder reads ``rel_embeddings.weight`` and feeds it to its LayerNorm and,
+        through it, to every attention's query/key projections). Each is served as its own shared record: its
+        per-example gradients are the per-example deltas at the parameter, from the batched backward that shared
+        outputs take (B vector-Jacobian products of the graph above it; exact, said once)."""
+        called = {id(p) for layer in self._layers if layer.records for _, p in layer.params}
+        names = {id(p): n for layer in self._layers if not layer.records for n, p in layer.params}
+        owner = {id(p): layer for layer in self._layers if not layer.records for _, p in layer.params}
+        leaves, seen = [], set()
+        for _, fn in _graph_edges(losses):
+            var = getattr(fn, "variable", None)
+            if var is not None and id(var) in names and id(var) not in called and id(var) not in seen:
+                seen.add(id(var))
+                leaves.append(_ParameterLeaf(names[id(var)], owner[id(var)].module, [(names[id(var)], var)]))
+        order = {id(p): k for k, p in enumerate(self.model.parameters())}
+        leaves.sort(key=lambda leaf: order[id(leaf.params[0][1])])
+        if leaves:
+            _report_once(
+                f"fastcurv.capture: parameter(s) {', '.join(repr(l.name) for l in leaves)} are read directly by a forward "
+                "that is not their module's (none of their modules was called); their per-example gradients take a "
+                "batched backward of the graph above them (B vector-Jacobian products; exact).", SharedInputWarning)
+        return leaves
 
     def _check_losses(self, losses) -> None:
         if _trainable_flags(self.model) != self._flags:
@@ -625,9 +656,10 @@ class Capture:
                     seen.add(node)
                     todo.extend(fn for fn, _ in node.next_functions)
                 nodes |= seen
+        leaves = {id(leaf.params[0][1]) for leaf in self._leaves or ()}  # every use counted by the batched backward
         for node, fn in _graph_edges(losses):
             var = getattr(fn, "variable", None)
-            if var is not None and id(var) in owners:
+            if var is not None and id(var) in owners and id(var) not in leaves:
                 if not any(node in inside[id(layer)] for layer in owners[id(var)]):
                     raise RuntimeError(
                         f"fastcurv.capture: the losses depend on parameter '{names[id(var)]}' through a path that "
@@ -881,6 +913,25 @@ def _broadcast_delta(grad, shared_output, B: int):
     dims = tuple(k for k in range(1, grad.ndim) if padded[k] == 1 and grad.shape[k] != 1)
     summed = grad.sum(dims, keepdim=True) if dims else grad
     return summed.reshape((B,) + shape)
+
+
+class _ParameterLeaf(CapturedLayer):
+    """A parameter read directly, outside any called module of its own (see :meth:`Capture._find_leaves`): one
+    shared record whose "output" is the parameter, so its per-example delta ``[B, *shape]`` is the per-example
+    gradient."""
+
+    supports_shared_input = True
+
+    def __init__(self, name, module, params):
+        super().__init__(name, module, params)
+        p = params[0][1]
+        self.records.append(Record(p, p, shared=True, versions=(p._version, p._version)))
+
+    def clear(self) -> None:
+        pass  # built per forward by the capture
+
+    def _per_example_grads(self, deltas):
+        return [sum(deltas)]
 
 
 class SharedInputWarning(UserWarning):

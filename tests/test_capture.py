@@ -462,17 +462,35 @@ def test_uncalled_owner_of_a_shared_parameter():
     assert [n for n, _ in cap.params] == ["shared.weight"]
 
 
-def test_parameter_of_an_uncalled_module_used_outside_refused():
-    """A parameter read directly by another module's forward, through no recorded call, is still refused."""
+def test_parameter_read_directly_by_another_forward():
+    """A parameter none of whose modules is called, read by another module's forward (DeBERTa's encoder reads
+    rel_embeddings.weight): served exactly by the batched backward at the parameter. One whose module is also
+    called keeps the refusal of a use outside its recorded calls."""
     class Reader(nn.Module):
-        def __init__(self):
+        def __init__(self, call_inner=False):
             super().__init__()
             self.first, self.inner = nn.Linear(3, 3), nn.Linear(3, 2)
+            self.call_inner = call_inner
 
         def forward(self, x):
-            return self.first(x) @ self.inner.weight.T.exp()
+            h = self.first(x)
+            out = h @ self.inner.weight.T.exp()
+            return out + self.inner(h) if self.call_inner else out
 
-    model = Reader()
+    torch.manual_seed(0)
+    model = Reader().double()
+    x = torch.randn(B, 3, dtype=torch.float64)
+    with pytest.warns(fastcurv.capture.SharedInputWarning, match="'inner.weight' are read directly"):
+        with capture(model) as cap:
+            out = model(x)
+        losses = out.square().sum(1)
+        sq = cap.per_example_sqnorms(losses)
+    params = [p for p in model.parameters()]
+    G = torch.stack([torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(
+        torch.autograd.grad(model(x[i:i + 1]).square().sum(), params, allow_unused=True), params)]) for i in range(B)])
+    torch.testing.assert_close(sq, G.square().sum(1))
+    torch.testing.assert_close(cap.per_example_gram(losses), G @ G.T)
+    model = Reader(call_inner=True)
     with capture(model) as cap:
         out = model(torch.randn(B, 3))
     with pytest.raises(RuntimeError, match="inner.weight.*does not go through its module"):

@@ -338,6 +338,22 @@ def tv_swin_tiny(B=3):
     return build
 
 
+def hf_deberta_v2(B=3, T=6, V=23):
+    """DeBERTa-v2 with relative attention (c2p and p2c, shared attention keys, position buckets): the encoder reads
+    ``rel_embeddings.weight`` (its Embedding is never called) into its LayerNorm and every attention's query/key
+    projections, unbatched, until ``.repeat`` meets the batch."""
+    def build():
+        tr = import_transformers()
+        cfg = tr.DebertaV2Config(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16, relative_attention=True,
+                                 position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"],
+                                 norm_rel_ebd="layer_norm", share_att_key=True, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0, num_labels=3, type_vocab_size=0)
+        model = tr.DebertaV2ForSequenceClassification(cfg)
+        return model, {"input_ids": torch.randint(3, V, (B, T)), "labels": torch.randint(0, 3, (B,))}, class_ce
+    return build
+
+
 TRAIN = ("eval", "frozen_stats", "exact")
 
 def tv_efficientnet_b0_narrow(**kw):
@@ -391,6 +407,8 @@ CASES = [
     ZooCase("timm beit (fused attention)", timm_beit(), penalty=False),
     ZooCase("timm beit (eager attention)", timm_beit(fused=False)),
     ZooCase("torchvision swin_t blocks (tiny)", tv_swin_tiny()),
+    # rel_embeddings.weight and the projections of it: per-example deltas from one batched backward (exact)
+    ZooCase("HF DeBERTa-v2 (relative attention)", hf_deberta_v2()),
 ]
 
 

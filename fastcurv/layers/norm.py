@@ -40,6 +40,12 @@ class NormLayer(CapturedLayer):
         self._xhat = None
 
     @property
+    def accepts_parameter_input(self) -> bool:
+        # a last-dim norm of a parameter (DeBERTa's LayerNorm of its rel_embeddings table), shared by the batch:
+        # xhat [*, C] broadcasts against the per-example deltas [B, *, C]
+        return isinstance(self.module, _LAST_DIM_NORMS)
+
+    @property
     def regroups_rows(self) -> bool:
         return isinstance(self.module, _LAST_DIM_NORMS)  # per-channel norms treat dim 0 as the batch themselves
 
