@@ -7,6 +7,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fastcurv.curvature._operator import CurvatureOperator, as_operator
@@ -245,19 +246,21 @@ class _OrthogonalityEstimate:
     single-vector Lanczos: estimates ``|q_{j+1}^T q_i|`` for all earlier vectors from the tridiagonal
     entries alone, so the full pass over the basis (two reads of ``[m, P]``, the memory-bound part of an
     iteration) runs only when orthogonality is about to be lost, not at every step. Keeping the basis
-    semi-orthogonal (``|q_i^T q_j| <= sqrt(eps)``) is enough for Ritz values accurate to ``eps ||A||``."""
+    semi-orthogonal (``|q_i^T q_j| <= sqrt(eps)``) is enough for Ritz values accurate to ``eps ||A||``.
+    NumPy float64 vectors: a step is a dozen operations on vectors of length ``j``, which cost less as NumPy
+    calls than as torch dispatches."""
 
     def __init__(self, dtype: torch.dtype):
         self.eps = torch.finfo(dtype).eps
         self.limit = math.sqrt(self.eps)
-        self.previous = torch.ones(0, dtype=torch.float64)  # omega for q_{j-1} against q_0..q_{j-1}
-        self.current = torch.ones(1, dtype=torch.float64)  # omega for q_j against q_0..q_j
+        self.previous = np.ones(0)  # omega for q_{j-1} against q_0..q_{j-1}
+        self.current = np.ones(1)  # omega for q_j against q_0..q_j
         self.force_next = False
 
-    def next(self, alpha: torch.Tensor, betas: torch.Tensor, j: int, beta: float, scale: float) -> bool:
+    def next(self, alpha: np.ndarray, betas: np.ndarray, j: int, beta: float, scale: float) -> bool:
         """Advance to ``q_{j+1}`` (coupling ``beta``) given ``alpha[:j+1]`` and ``betas[:j]`` (``betas[i]``
         couples ``q_i`` and ``q_{i+1}``); True when ``q_{j+1}`` must be fully reorthogonalized."""
-        omega = torch.full((j + 2,), self.eps, dtype=torch.float64)
+        omega = np.full(j + 2, self.eps)
         omega[j + 1] = 1.0
         if beta > 0 and j > 0:
             cur, prev = self.current, self.previous
@@ -266,9 +269,9 @@ class _OrthogonalityEstimate:
             t -= betas[j - 1] * prev[:j]
             # Rounding feeds the recurrence: add its size, eps ||A||, with the sign that grows the estimate.
             noise = self.eps * scale
-            omega[:j] = (t + torch.where(t >= 0, noise, -noise)) / beta
+            omega[:j] = (t + np.where(t >= 0, noise, -noise)) / beta
         self.previous, self.current = self.current, omega
-        reorthogonalize = self.force_next or bool((omega[: j + 1].abs() > self.limit).any())
+        reorthogonalize = self.force_next or bool((np.abs(omega[: j + 1]) > self.limit).any())
         # Reorthogonalize two consecutive vectors: q_{j+2}'s estimate is built from q_{j+1}'s and q_j's.
         self.force_next = reorthogonalize and not self.force_next
         return reorthogonalize
@@ -282,12 +285,14 @@ def _lanczos(A, k, tol, m_max, which, generator, progress):
     """Single-vector Lanczos with partial reorthogonalization (:class:`_OrthogonalityEstimate`).
 
     The basis is kept as contiguous rows ``[m, P]``; a step is one product, two vector updates and, only
-    when the estimate asks for it, a full pass over the basis. The tridiagonal entries live in small
-    float64 vectors on the CPU, read back as Python floats where a step needs them."""
+    when the estimate asks for it, a full pass over the basis. The tridiagonal entries, the tridiagonal
+    itself (filled in place, one entry per step) and its eigendecomposition are NumPy float64 on the CPU:
+    the ~40 small operations a step makes on them cost less as NumPy calls than as torch dispatches."""
     P = A.num_params
     basis = torch.empty(m_max, P, dtype=A.dtype, device=A.device)  # rows; never zero-filled
-    alpha = torch.zeros(m_max, dtype=torch.float64)
-    betas = torch.zeros(m_max, dtype=torch.float64)  # betas[j] couples q_j and q_{j+1}
+    alpha = np.zeros(m_max)
+    betas = np.zeros(m_max)  # betas[j] couples q_j and q_{j+1}
+    T_full = np.zeros((m_max, m_max))  # the tridiagonal, grown by one row and column per step
     q = _random_block(P, 1, A, generator)[:, 0]
     torch.div(q, q.norm(), out=basis[0])
     orthogonality = _OrthogonalityEstimate(A.dtype)
@@ -301,9 +306,9 @@ def _lanczos(A, k, tol, m_max, which, generator, progress):
             q = basis[m]
             w = A.matmat(q[:, None])[:, 0]  # a fresh tensor: updated in place below
             a = torch.dot(q, w).item()
-            alpha[m] = a
+            alpha[m] = T_full[m, m] = a
             w.sub_(q, alpha=a)
-            previous_beta = betas[m - 1].item() if m > 0 else 0.0
+            previous_beta = float(betas[m - 1]) if m > 0 else 0.0
             if previous_beta:
                 w.sub_(basis[m - 1], alpha=previous_beta)
             before = w.norm().item()
@@ -320,18 +325,15 @@ def _lanczos(A, k, tol, m_max, which, generator, progress):
             beta = w.norm().item()
             m += 1
             bar.update(1)
-            T = torch.diag(alpha[:m])
-            if m > 1:
-                off = torch.diag(betas[: m - 1], 1)
-                T += off + off.T
-            theta_all, S_all = torch.linalg.eigh(T)
-            theta_scale = max(theta_all.abs().max().item(), tiny)
-            order = _order(theta_all, which)[:k]
+            theta_all, S_all = np.linalg.eigh(T_full[:m, :m])
+            theta_scale = max(float(np.abs(theta_all).max()), tiny)
+            key = np.abs(theta_all) if which == "LM" else theta_all
+            order = np.argsort(-key, kind="stable")[:k]
             theta, S = theta_all[order], S_all[:, order]
             if m >= k:
                 # Ritz pair (theta_j, V^T s_j) has residual beta * |s_j[last]|.
-                residual = beta * S[m - 1].abs()
-                worst = (residual.max() / theta_scale).item()
+                residual = beta * np.abs(S[m - 1])
+                worst = float(residual.max() / theta_scale)
                 bar.set_postfix(residual=f"{worst:.1e}")
                 converged = worst <= tol or m == P
                 if converged or m >= m_max:
@@ -342,7 +344,7 @@ def _lanczos(A, k, tol, m_max, which, generator, progress):
                 # An invariant subspace: continue from a fresh random direction orthogonal to the basis,
                 # with zero coupling, so eigenvalues the start vector missed are still found.
                 basis[m], beta = _fresh_directions(1, (basis[:m],), generator, A)[0], 0.0
-            betas[m - 1] = beta
+            betas[m - 1] = T_full[m - 1, m] = T_full[m, m - 1] = beta
     finally:
         bar.close()
     if not converged:
@@ -354,9 +356,9 @@ def _lanczos(A, k, tol, m_max, which, generator, progress):
         )
     # [k, m] @ [m, P] on the contiguous rows, then transposed: the product with basis[:m].T ([P, m], strided)
     # took ~10x longer (a strided tall-skinny GEMM; 101k-parameter MLP, torch.profiler)
-    vectors = (S.T.to(A.device, A.dtype) @ basis[:m]).T
+    vectors = (torch.from_numpy(S.T.copy()).to(A.device, A.dtype) @ basis[:m]).T
     info = EigenInfo("lanczos", converged, m, (residual / theta_scale).tolist())
-    return theta.to(A.dtype).to(A.device), _fix_signs(vectors), info
+    return torch.from_numpy(theta.copy()).to(A.device, A.dtype), _fix_signs(vectors), info
 
 
 def _block_lanczos(A, k, tol, m_max, which, b, generator, progress):
