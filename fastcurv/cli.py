@@ -186,6 +186,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     tr.add_argument("--overwrite", action="store_true", help="start over even if --checkpoint exists (replacing it)")
     tr.add_argument("--track-eigenvalue", action="store_true")
+    tr.add_argument("--statistics", default=None, metavar="NAMES",
+                    help="per-epoch training statistics, comma-separated: noise_scale (gradient noise scale, "
+                         "overall and per layer), grand (GraNd mean/std/max)")
 
     sh = sub.add_parser("sharpness", help="curvature metrics of a checkpoint written by compare/train")
     sh.add_argument("checkpoint")
@@ -458,6 +461,7 @@ def _cmd_train(args) -> int:
     init_kind, init_scale = _init_for(args)
     spec = {"dataset": dataset_name, "activation": args.activation, "width": args.width}
     _check_checkpoint_flag(args)
+    statistics = _statistics_flag(args.statistics)
     _check_rules_ready([args.rule], options, spec, args)
     data = load(dataset_name, seed=args.seed, data_dir=args.data_dir)
     model = _model_for(spec, args.seed)
@@ -465,13 +469,26 @@ def _cmd_train(args) -> int:
         history = fit(model, data, rule=args.rule, rule_options=options[args.rule], epochs=args.epochs,
                       seed=args.seed, init=init_kind, init_scale=init_scale, track_eigenvalue=args.track_eigenvalue,
                       checkpoint=args.checkpoint, resume=args.resume, model_spec={**spec, "seed": args.seed},
-                      **fit_kwargs)
+                      statistics=statistics, **fit_kwargs)
     except ResumeMismatchError as err:
         raise UsageError(_resume_mismatch_text(args, err)) from None
     if _rank() == 0:
         for record in history:
             print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
     return 0
+
+
+def _statistics_flag(value) -> tuple:
+    from fastcurv.train.statistics import STATISTICS
+
+    if value is None:
+        return ()
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    bad = [name for name in names if name not in STATISTICS]
+    if bad or not names:
+        raise UsageError(f"--statistics {value!r}: unknown {', '.join(map(repr, bad)) or 'empty list'}; valid: "
+                         f"{', '.join(STATISTICS)}")
+    return names
 
 
 # fit's resume keys (fastcurv.train.loop._RESUME_KEYS, dotted for nested ones) -> the flag that sets them.

@@ -128,6 +128,7 @@ def test_bad_input(args, message, capsys, tmp_path):
     (["sharpness", "--samples", "0"], "--samples must be >= 1, got 0"),
     (["sharpness", "--logdet-trials", "0"], "--logdet-trials must be >= 1, got 0"),
     (["sharpness", "--data-batches", "0"], "--data-batches must be >= 1, got 0"),
+    (["train", "--statistics", "noise_scale,el2n"], "--statistics 'noise_scale,el2n': unknown 'el2n'; valid: noise_scale, grand"),
 ])
 def test_every_bad_flag_is_one_line_naming_the_flag_before_training(args, message, capsys, tmp_path):
     """Exit 2, one line on stderr naming the flag, and nothing trained or written."""
@@ -198,6 +199,12 @@ def test_train_resume_and_sharpness(tmp_path, capsys):
     resumed = capsys.readouterr().out.strip().splitlines()
     drop = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("time_per_step", "epoch_time", "wall_time")}  # noqa: E731
     assert [drop(line) for line in resumed] == [drop(line) for line in full]
+
+    stats_ckpt = str(tmp_path / "stats.pt")
+    assert main([*base[:-1], stats_ckpt, "--epochs", "1", "--statistics", "noise_scale,grand"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert {"noise_scale", "trace_covariance", "grand_mean", "grand_max"} <= set(record)
+    assert any(key.startswith("noise_scale.") for key in record)
 
     assert main(["sharpness", ckpt, "--samples", "12"]) == 0
     out = capsys.readouterr().out
