@@ -22,8 +22,10 @@ which rule serves which module, the deltas, and the checks that keep the numbers
   ``||sum of the uses' gradients||^2``, cross terms included. A module that is never called (``shared``
   itself) is no error: it adds nothing of its own.
 * A module called without the batch dim (``wpe(torch.arange(T))``, GPT-2's ``position_ids`` [1, T])
-  whose output is added onto a batched tensor gets its per-example deltas from that add's output
-  gradient, summed over the broadcast dims (no extra backward). Used any other way, it takes a
+  whose output is added onto a batched tensor, directly or after layout steps (T5's relative-position bias:
+  ``rel(buckets).permute(2, 0, 1).unsqueeze(0)`` added to every layer's scores), gets its per-example deltas
+  from those adds' output gradients, summed over the broadcast dims (no extra backward of the model; layout
+  steps are mapped back by a small batched vector-Jacobian product). Used any other way, it takes a
   batched backward (B vector-Jacobian products of the graph above it; ``SharedInputWarning``, once). Inputs whose layout is ambiguous (a sequence dim equal to B) are checked with one
   extra random-weighted backward, never guessed.
 * BatchNorm normalizing with batch statistics makes examples interact: refused by default;
@@ -53,6 +55,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge
 from torch.utils._pytree import tree_leaves
 
 from fastcurv.layers import FunctionalLayer, GenericLayer, registered_types, rule_for
@@ -418,7 +421,7 @@ class Capture:
             if live:
                 found.update({id(r): g for r, g in zip(live, grads) if g is not None and not r.shared})
             for r, probe in probes:
-                delta = _broadcast_delta(probe.delta, r.output, self.batch_size)
+                delta = probe.per_example(self.batch_size, create_graph)
                 if delta is not None:
                     found[id(r)] = delta
                     shared = [(layer, rr) for layer, rr in shared if rr is not r]
@@ -591,22 +594,35 @@ class Capture:
         return bad
 
     def _broadcast_probes(self, losses, records) -> list:
-        """Shared outputs whose only use is ``batched + shared`` (nanoGPT's ``wte(idx) + wpe(pos)``):
-        the add's output gradient, ``[B, ...]``, summed over the dims the shared output was broadcast
-        along (HF GPT-2's ``[1, T, D]`` position embeddings), is their per-example delta, so a hook on that
-        add node gives it during the ordinary backward, with no batched backward."""
+        """Shared outputs whose only uses are ``batched + shared`` (nanoGPT's ``wte(idx) + wpe(pos)``), possibly
+        after layout steps (T5's relative-position bias ``rel(buckets).permute(2, 0, 1).unsqueeze(0)``, added to
+        every layer's scores): each add's output gradient, ``[B, ...]``, summed over the dims the shared tensor was
+        broadcast along, is its per-example delta there; hooks on those add nodes give them during the ordinary
+        backward, and a small batched vector-Jacobian product maps them back through the layout steps, with no
+        batched backward of the model."""
         if not records:
             return []
-        targets = {r.edge.node: r for r in records}
         consumers: dict = {}
         for node, fn in _graph_edges(losses):
-            if fn in targets:
-                consumers.setdefault(fn, []).append(node)
+            if fn is not None:
+                consumers.setdefault(fn, set()).add(node)
         probes = []
-        for fn, r in targets.items():
-            users = consumers.get(fn, [])
-            if len(users) == 1 and type(users[0]).__name__ == "AddBackward0" and getattr(users[0], "_saved_alpha", None) == 1:
-                probes.append((r, _GradProbe(users[0])))
+        for r in records:
+            end, steps = r.edge.node, 0
+            while True:
+                users = consumers.get(end, set())
+                if users and all(type(u).__name__ == "AddBackward0" and getattr(u, "_saved_alpha", None) == 1
+                                 and sum(fn is end for fn, _ in u.next_functions) == 1 for u in users):
+                    break
+                if len(users) == 1 and steps < 8:
+                    (user,) = users
+                    if type(user).__name__ in _LAYOUT_NODES and len(user.next_functions) == 1:
+                        end, steps = user, steps + 1
+                        continue
+                end = None
+                break
+            if end is not None:
+                probes.append((r, _BroadcastProbe(r, end, steps, sorted(users, key=id))))
         return probes
 
     @staticmethod
@@ -821,6 +837,42 @@ def _graph_edges(losses: torch.Tensor):
             yield node, fn
             if fn is not None:
                 todo.append(fn)
+
+
+# autograd nodes of layout steps (linear, one input, no data of their own): a shared tensor's per-example deltas map
+# back through them exactly
+_LAYOUT_NODES = {"PermuteBackward0", "UnsqueezeBackward0", "UnsqueezeBackward1", "ViewBackward0", "UnsafeViewBackward0",
+                 "TransposeBackward0", "TransposeBackward1", "CloneBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                 "SqueezeBackward2", "ReshapeAliasBackward0", "ToCopyBackward0"}
+
+
+class _BroadcastProbe:
+    """The add nodes a shared output reaches (through ``steps`` layout nodes ending at ``end``) and, for the
+    shape of ``end``'s output, a hook on ``end`` itself (see :meth:`Capture._broadcast_probes`)."""
+
+    def __init__(self, record, end, steps, adds):
+        self.record, self.end, self.steps = record, end, steps
+        self.adds = [_GradProbe(a) for a in adds]
+        self.shape_probe = _GradProbe(end) if steps else None
+
+    def per_example(self, B: int, create_graph: bool):
+        r = self.record
+        shape = r.output.shape if self.shape_probe is None else getattr(self.shape_probe.delta, "shape", None)
+        if shape is None:
+            return None
+        like = torch.empty(shape, device="meta")
+        parts = [_broadcast_delta(p.delta, like, B) for p in self.adds]
+        if any(d is None for d in parts):
+            return None
+        delta = sum(parts)
+        if self.steps:
+            delta = torch.autograd.grad([GradientEdge(self.end, 0)], [r.edge], [delta], is_grads_batched=True,
+                                        retain_graph=True, create_graph=create_graph)[0]
+        return delta
+
+    def remove(self):
+        for p in self.adds + ([self.shape_probe] if self.shape_probe is not None else []):
+            p.remove()
 
 
 class _GradProbe:

@@ -619,3 +619,39 @@ def test_position_embedding_of_arange_t_with_t_a_multiple_of_b_is_shared_not_fla
     want = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(losses_of(x[i:i + 1]).sum(), list(model.parameters())))
                         for i in range(2)])
     torch.testing.assert_close(got, want)
+
+
+class _RelativeBias(nn.Module):
+    """T5's relative-position bias: an Embedding of [T, T] buckets (no batch dim), permuted and unsqueezed, added
+    in place to the scores of two attention layers."""
+
+    def __init__(self, D=6, H=2, T=5):
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 3)
+        self.rel = nn.Embedding(2 * T - 1, H)
+        self.H, self.T = H, T
+
+    def forward(self, x):
+        B, T, D = x.shape
+        buckets = torch.arange(T)[None, :] - torch.arange(T)[:, None] + T - 1
+        bias = None
+        for _ in range(2):
+            q = self.q(x).view(B, T, self.H, -1).transpose(1, 2)
+            k = self.k(x).view(B, T, self.H, -1).transpose(1, 2)
+            if bias is None:  # after a batched module has set the batch size, as in T5
+                bias = self.rel(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, H, T, T]
+            scores = q @ k.transpose(-1, -2)
+            scores += bias
+            x = x + (scores.softmax(-1) @ k).transpose(1, 2).reshape(B, T, D).tanh()
+        return self.out(x).sum(1)
+
+
+def test_shared_output_through_layout_steps_to_adds_takes_no_batched_backward():
+    import warnings
+
+    torch.manual_seed(0)
+    model = _RelativeBias().double()
+    x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastcurv.capture.SharedInputWarning)  # served without the batched backward
+        check_against_loop(model, lambda m: m(x), lambda out: F.cross_entropy(out, y, reduction="none"))
