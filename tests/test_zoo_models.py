@@ -427,6 +427,7 @@ CASES = [
     ZooCase("timm beit (fused attention)", timm_beit(), penalty=False),
     ZooCase("timm beit (eager attention)", timm_beit(fused=False)),
     ZooCase("torchvision swin_t blocks (tiny)", tv_swin_tiny()),
+    ZooCase("torchvision swin_t as built (32x32)", torchvision_model("swin_t")),
     # rel_embeddings.weight and the projections of it: per-example deltas from one batched backward (exact)
     ZooCase("HF DeBERTa-v2 (relative attention)", hf_deberta_v2()),
 ]
