@@ -285,6 +285,9 @@ def hf_seq2seq(kind, B=3, T=5, V=23, tied=True):
                               dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, tie_word_embeddings=tied,
                               attn_implementation="eager")
             model = tr.T5ForConditionalGeneration(cfg)
+            if not tied:  # transformers 5 always ties lm_head (tie_word_embeddings=False only drops the output scaling)
+                model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+                assert model.lm_head.weight is not model.shared.weight
         else:
             cfg = tr.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                                 decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=0.0,
@@ -419,6 +422,7 @@ CASES = [
     # capture's and the loop's penalty gradients, two different double backwards through it, agree to ~1.3e-7 of the
     # largest entry; with that cast removed they agree at the float64 tolerance (the third case)
     ZooCase("HF T5 (tied lm_head)", hf_seq2seq("t5"), penalty_atol=1e-6),
+    # T5 v1.1 style: tie_word_embeddings=False (no decoder output scaling) and lm_head its own parameter
     ZooCase("HF T5 (untied lm_head)", hf_seq2seq("t5", tied=False), penalty_atol=1e-6),
     ZooCase("HF T5 (untied, T5LayerNorm variance in float64)", _t5_norms_in_float64(hf_seq2seq("t5", tied=False))),
     ZooCase("HF BART", hf_seq2seq("bart")),
