@@ -474,3 +474,22 @@ def test_batchnorm_subclass_frozen_stats_keeps_its_own_forward(inplace):
     torch.testing.assert_close(cap.per_example_sqnorms(_losses(out, y)), G.square().sum(1))
     torch.testing.assert_close(cap.per_example_gram(_losses(out, y)), G @ G.T)
     assert fast_fraction(cap) == 1.0
+
+
+class _BatchedConstant(nn.Module):
+    """A parameter combined with batched data that needs no grad (the model's input) by an op no site knows: the
+    result is per example, not a tensor of the parameters only, so it must not be served as one."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * torch.lerp(self.w, x.detach(), 0.5)
+
+
+def test_parameter_mixed_with_batched_data_without_grad_is_not_a_parameter_tensor():
+    torch.manual_seed(0)
+    model = _BatchedConstant(4).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 4, (3,))
+    check_against_loop(model, lambda m: m(x), lambda out: _losses(out, y))

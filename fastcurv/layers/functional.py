@@ -157,6 +157,7 @@ class _SiteMode(TorchFunctionMode):
         self.own = len(params) if own is None else own
         self.bases: dict[int, torch.Tensor] = {}  # _General.key -> the tensor (kept alive: its graph maps back)
         self.bases_info: dict[int, object] = {}
+        self.buffers: Optional[set] = None  # ids of the module's buffers, on first need
 
     def derived(self, t):
         if isinstance(t, torch.Tensor):
@@ -164,6 +165,13 @@ class _SiteMode(TorchFunctionMode):
             if hit is not None and hit[1] is t:
                 return hit[0]
         return None
+
+    def _constant(self, t: torch.Tensor) -> bool:
+        """A tensor argument that cannot carry the batch: an index or mask (not floating point), a scalar, or a
+        buffer of the module (BEiT's zero k_bias)."""
+        if self.buffers is None:
+            self.buffers = {id(b) for b in self.module.buffers()} if self.module is not None else set()
+        return not t.requires_grad and (not t.is_floating_point() or t.numel() == 1 or id(t) in self.buffers)
 
     def _here(self) -> bool:
         """True when the innermost running captured module is this one (a child's own call serves its parameters)."""
@@ -192,8 +200,8 @@ class _SiteMode(TorchFunctionMode):
         """Any other op whose tensor inputs are derived or constant: its output is derived (general)."""
         if not out.is_floating_point():
             return
-        if any(h is None and isinstance(a, torch.Tensor) and a.requires_grad for a, h in zip(flat, hits)):
-            return  # mixes a parameter with data: an unrecognized site (the graph check decides)
+        if any(h is None and isinstance(a, torch.Tensor) and not self._constant(a) for a, h in zip(flat, hits)):
+            return  # mixes a parameter with data (maybe batched): an unrecognized site (the graph check decides)
         if any(isinstance(h, _General) and h.expand is not None for h in hits):
             return  # already per example: not followed further
         indices = frozenset().union(*(_indices(h) for h in hits if h is not None))
