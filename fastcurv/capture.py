@@ -455,9 +455,19 @@ class Capture:
                     )
                 r.shared = True  # its output is shared by the examples: per-example deltas below
                 shared.append((layer, r))
+            if shared and probes:
+                done = self._resolve_upstream(losses, [r for _, r in shared], [r for r, _ in probes], found, create_graph)
+                shared = [(layer, r) for layer, r in shared if id(r) not in done]
             if shared:
                 self._say_shared([(layer, r) for layer, r in shared if r.edge is not None
                                   and not isinstance(layer, _ParameterLeaf)])
+                leaves = [layer for layer, _ in shared if isinstance(layer, _ParameterLeaf)]
+                if leaves:
+                    _report_once(
+                        f"fastcurv.capture: parameter(s) {', '.join(repr(l.name) for l in leaves)} are read directly by "
+                        "a forward that is not their module's (none of their modules was called); their per-example "
+                        "gradients take a batched backward of the graph above them (B vector-Jacobian products; exact).",
+                        SharedInputWarning)
                 found.update(self._per_example_deltas(losses, [r for _, r in shared], create_graph))
         if not found:
             raise RuntimeError(
@@ -485,7 +495,8 @@ class Capture:
         module's forward (DeBERTa-v2's encoder reads ``rel_embeddings.weight`` and feeds it to its LayerNorm and,
         through it, to every attention's query/key projections). Each is served as its own shared record: its
         per-example gradients are the per-example deltas at the parameter, from the batched backward that shared
-        outputs take (B vector-Jacobian products of the graph above it; exact, said once)."""
+        outputs take (a small batched vector-Jacobian product when its uses lead only into shared records already
+        resolved, else B vector-Jacobian products of the graph above it, said once; exact either way)."""
         called = {id(p) for layer in self._layers if layer.records for _, p in layer.params}
         names = {id(p): n for layer in self._layers if not layer.records for n, p in layer.params}
         owner = {id(p): layer for layer in self._layers if not layer.records for _, p in layer.params}
@@ -497,11 +508,6 @@ class Capture:
                 leaves.append(_ParameterLeaf(names[id(var)], owner[id(var)].module, [(names[id(var)], var)]))
         order = {id(p): k for k, p in enumerate(self.model.parameters())}
         leaves.sort(key=lambda leaf: order[id(leaf.params[0][1])])
-        if leaves:
-            _report_once(
-                f"fastcurv.capture: parameter(s) {', '.join(repr(l.name) for l in leaves)} are read directly by a forward "
-                "that is not their module's (none of their modules was called); their per-example gradients take a "
-                "batched backward of the graph above them (B vector-Jacobian products; exact).", SharedInputWarning)
         return leaves
 
     def _check_losses(self, losses) -> None:
@@ -614,6 +620,8 @@ class Capture:
                 if users and all(type(u).__name__ == "AddBackward0" and getattr(u, "_saved_alpha", None) == 1
                                  and sum(fn is end for fn, _ in u.next_functions) == 1 for u in users):
                     break
+                if len(users) == 1 and _batch_repeat(next(iter(users)), self.batch_size):
+                    break  # DeBERTa's pos_key_layer.repeat(B, 1, 1): example b's rows of the output
                 if len(users) == 1 and steps < 8:
                     (user,) = users
                     if type(user).__name__ in _LAYOUT_NODES and len(user.next_functions) == 1:
@@ -624,6 +632,67 @@ class Capture:
             if end is not None:
                 probes.append((r, _BroadcastProbe(r, end, steps, sorted(users, key=id))))
         return probes
+
+    def _resolve_upstream(self, losses, pending, resolved, found, create_graph) -> set:
+        """Shared records whose every use leads, through layout steps, only into the calls of shared records
+        already resolved (DeBERTa-v2: ``LayerNorm(rel_embeddings.weight)`` feeds only the query/key projections of
+        the relative positions, whose outputs meet the batch at ``.repeat(B, 1, 1)``; the table itself feeds only
+        that LayerNorm): their per-example deltas are one small batched vector-Jacobian product from those
+        records' per-example deltas, with no batched backward of the model. Returns the ids resolved."""
+        consumers: dict = {}
+        for node, fn in _graph_edges(losses):
+            if fn is not None:
+                consumers.setdefault(fn, set()).add(node)
+        inside: dict = {}
+
+        def nodes_of(r):
+            if id(r) not in inside:
+                stop = {t.grad_fn for t in _tensors(r.args, r.kwargs, r.input) if t.grad_fn is not None}
+                seen, todo = set(), [r.edge.node]
+                while todo:
+                    node = todo.pop()
+                    if node is None or node in seen or node in stop:
+                        continue
+                    seen.add(node)
+                    todo.extend(fn for fn, _ in node.next_functions)
+                inside[id(r)] = seen
+            return inside[id(r)]
+
+        resolved = [r for r in resolved if id(r) in found]
+        done: set = set()
+        progress = True
+        while progress:
+            progress = False
+            for r in pending:
+                if id(r) in found or r.edge is None:
+                    continue
+                terminals, todo, seen, ok = [], [r.edge.node], set(), True
+                while todo and ok:
+                    node = todo.pop()
+                    for user in consumers.get(node, ()):
+                        if user in seen:
+                            continue
+                        seen.add(user)
+                        hit = [rr for rr in resolved if rr is not r and user in nodes_of(rr)]
+                        if hit:
+                            terminals.extend(rr for rr in hit if all(rr is not t for t in terminals))
+                        elif type(user).__name__ in _LAYOUT_NODES and len(user.next_functions) == 1:
+                            todo.append(user)
+                        else:
+                            ok = False
+                            break
+                if not ok or not terminals:
+                    continue
+                grads = torch.autograd.grad([t.edge for t in terminals], [r.edge], [found[id(t)] for t in terminals],
+                                            is_grads_batched=True, retain_graph=True, create_graph=create_graph,
+                                            allow_unused=True)
+                if grads[0] is None:
+                    continue
+                found[id(r)] = grads[0]
+                resolved.append(r)
+                done.add(id(r))
+                progress = True
+        return done
 
     @staticmethod
     def _say_shared(shared) -> None:
@@ -843,7 +912,7 @@ def _graph_edges(losses: torch.Tensor):
 # back through them exactly
 _LAYOUT_NODES = {"PermuteBackward0", "UnsqueezeBackward0", "UnsqueezeBackward1", "ViewBackward0", "UnsafeViewBackward0",
                  "TransposeBackward0", "TransposeBackward1", "CloneBackward0", "SqueezeBackward0", "SqueezeBackward1",
-                 "SqueezeBackward2", "ReshapeAliasBackward0", "ToCopyBackward0"}
+                 "SqueezeBackward2", "ReshapeAliasBackward0", "ToCopyBackward0", "AliasBackward0", "SliceBackward0"}
 
 
 class _BroadcastProbe:
@@ -861,7 +930,11 @@ class _BroadcastProbe:
         if shape is None:
             return None
         like = torch.empty(shape, device="meta")
-        parts = [_broadcast_delta(p.delta, like, B) for p in self.adds]
+        if len(self.adds) == 1 and type(self.adds[0].node).__name__ == "RepeatBackward0":
+            g = self.adds[0].delta
+            parts = [None if g is None or g.shape[0] != B * shape[0] else g.reshape(B, *shape)]
+        else:
+            parts = [_broadcast_delta(p.delta, like, B) for p in self.adds]
         if any(d is None for d in parts):
             return None
         delta = sum(parts)
@@ -875,10 +948,17 @@ class _BroadcastProbe:
             p.remove()
 
 
+def _batch_repeat(node, B: int) -> bool:
+    """``x.repeat(B, 1, ...)``: the output is B copies of x stacked in dim 0, copy b being example b's."""
+    repeats = getattr(node, "_saved_repeats", None) if type(node).__name__ == "RepeatBackward0" else None
+    return bool(repeats) and B > 1 and repeats[0] == B and all(r == 1 for r in repeats[1:])
+
+
 class _GradProbe:
     """Keeps the gradient arriving at an autograd node's output during one backward."""
 
     def __init__(self, node):
+        self.node = node
         self.delta = None
         self.handle = node.register_prehook(self)
 

@@ -655,3 +655,33 @@ def test_shared_output_through_layout_steps_to_adds_takes_no_batched_backward():
     with warnings.catch_warnings():
         warnings.simplefilter("error", fastcurv.capture.SharedInputWarning)  # served without the batched backward
         check_against_loop(model, lambda m: m(x), lambda out: F.cross_entropy(out, y, reduction="none"))
+
+
+class _RelativeTable(nn.Module):
+    """DeBERTa-v2's relative positions: the encoder reads a table's weight (its Embedding never called) into a
+    LayerNorm, projects it unbatched, and the projection meets the batch at ``.repeat(B, 1, 1)``."""
+
+    def __init__(self, D=6, H=2, P=4):
+        super().__init__()
+        self.table, self.norm = nn.Embedding(P, D), nn.LayerNorm(D)
+        self.q, self.key, self.out = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 3)
+        self.H = H
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.H, -1).transpose(1, 2).reshape(B * self.H, T, -1)
+        rel = self.norm(self.table.weight)[None]  # [1, P, D], no batch dim
+        k = self.key(rel).view(1, -1, self.H, D // self.H).permute(0, 2, 1, 3).contiguous().view(self.H, -1, D // self.H)
+        scores = torch.bmm(q, k.repeat(B, 1, 1).transpose(-1, -2))  # [B * H, T, P]
+        return self.out(scores.softmax(-1).sum(-1).view(B, self.H, T).transpose(1, 2).repeat(1, 1, 3)).sum(1)
+
+
+def test_parameter_read_directly_resolved_through_shared_records_takes_no_batched_backward():
+    import warnings
+
+    torch.manual_seed(0)
+    model = _RelativeTable().double()
+    x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastcurv.capture.SharedInputWarning)
+        check_against_loop(model, lambda m: m(x), lambda out: F.cross_entropy(out, y, reduction="none"))
