@@ -7,9 +7,13 @@ seconds of training steps (``fit(time_budget=)``, evaluation excluded) on
 
 then the test accuracy of each rule at several budgets (read off the same runs: the learning rate is
 constant, so the accuracy after t seconds of a longer run is the accuracy of a t-second run) with the
-paired test of ``fastcurv.reproduce.verdict`` against sgd and against sam.
+paired test of ``fastcurv.reproduce.verdict`` against sgd and against sam. Wall-time budgets on a shared
+machine favour whichever rule ran in a quiet stretch, so the tables also give the accuracy at equal
+*compute*: each rule's steps weighted by its step cost relative to sgd, timed interleaved on the same
+model and batch (``measure_step_costs``), with budgets in sgd steps.
 
-    OMP_NUM_THREADS=1 python bench/flat_minima.py --budget 15 --seeds 3 --out docs/flat-minima
+    OMP_NUM_THREADS=1 python bench/flat_minima.py --budget 40 --seeds 3 --out docs/flat-minima
+    OMP_NUM_THREADS=1 python bench/flat_minima.py --measure-costs --out docs/flat-minima   # re-time the steps only
 
 Writes ``DIR/{protocol}.json`` (histories, steps, seconds, device), ``DIR/{protocol}_accuracy_vs_time.png``
 and ``DIR/{protocol}.md`` (the tables). Every number comes from the runs.
@@ -58,12 +62,55 @@ def rules_for(protocol: str) -> dict[str, tuple[str, dict]]:
     }
 
 
+def measure_step_costs(protocol: str, rounds: int = 6, block: int = 20) -> dict:
+    """Each rule's training step on this protocol's model and batch, timed interleaved (every rule runs
+    ``block`` consecutive steps per round, in turn; median over rounds of the time per step): milliseconds
+    per step and the ratio to sgd. ``block`` is a multiple of looksam's k = 5 and of every = 4, so each
+    block holds whole cycles of their cheap and expensive steps. Unlike the training runs' own seconds
+    per step, a slow stretch of a shared machine falls on every rule alike."""
+    import time
+
+    from fastcurv.train import make_rule, per_example_loss
+
+    data = load("mnist5k")
+    batch = PROTOCOLS[protocol]["batch_size"]
+    x, y = data.x_train[:batch], data.y_train[:batch]
+    steps = {}
+    for label, (rule, options) in rules_for(protocol).items():
+        model = geng_model(512, 0) if protocol == "geng" else cnn_model(0)
+        bound = make_rule(rule, **options).bind(model, per_example_loss("cross_entropy"), epochs=10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        steps[label] = lambda bound=bound, optimizer=optimizer: bound.step(x, y, optimizer, epoch=0)
+    times = {label: [] for label in steps}
+    for round_ in range(rounds + 1):
+        for label, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(block):
+                step()
+            if round_ >= 1:  # a warm-up round
+                times[label].append((time.perf_counter() - start) / block)
+    ms = {label: 1e3 * sorted(t)[len(t) // 2] for label, t in times.items()}
+    return {"rounds": rounds, "steps_per_block": block, "ms_per_step": ms,
+            "ratio_to_sgd": {label: ms[label] / ms["sgd"] for label in ms}}
+
+
+def accuracy_at_compute(history: list[dict], ratio: float, budgets: list[float]) -> list[float]:
+    """Test accuracy of the last evaluation within each compute budget, in sgd-step units (steps taken x
+    the rule's step cost relative to sgd); nan before the first evaluation."""
+    values = []
+    for budget in budgets:
+        within = [entry for entry in history if entry["steps"] * ratio <= budget]
+        values.append(within[-1]["test_accuracy"] if within else float("nan"))
+    return values
+
+
 def run(protocol: str, budget: float, seeds: int) -> dict:
     data = load("mnist5k")
     batch = PROTOCOLS[protocol]["batch_size"]
     results = {"protocol": protocol, "time_budget": budget, "environment": environment(), "batch_size": batch,
                "dataset": {"name": f"mnist5k ({protocol})"}, "rules": {}}
     rules = rules_for(protocol)
+    results["step_costs"] = measure_step_costs(protocol)
     for label in rules:
         results["rules"][label] = {"rule": rules[label][0], "options": rules[label][1], "runs": []}
     for seed in range(seeds):
@@ -125,7 +172,50 @@ def tables(results: dict, checkpoints: list[float]) -> str:
         winner = max(means, key=lambda r: means[r] if means[r] == means[r] else -1)
         best.append(f"@ {t:.3g} s: highest mean {winner} ({means[winner]:.4f})")
     lines += ["", "Highest mean test accuracy per budget: " + "; ".join(best) + "."]
+    if "step_costs" in results:
+        lines += equal_compute_tables(results)
     return "\n".join(lines) + "\n"
+
+
+def equal_compute_tables(results: dict) -> list[str]:
+    """Accuracy at equal compute: budgets in sgd steps, each rule's steps weighted by its interleaved step
+    cost, so the comparison does not depend on how loaded the machine was while each run trained."""
+    rules, costs = list(results["rules"]), results["step_costs"]
+    ratio = costs["ratio_to_sgd"]
+    reach = min(run["steps_taken"] * ratio[r] for r in rules for run in results["rules"][r]["runs"])
+    budgets = [reach / 3, 2 * reach / 3, reach]
+    acc = {r: [[accuracy_at_compute(run["history"], ratio[r], [c])[0] for run in results["rules"][r]["runs"]]
+               for c in budgets] for r in rules}
+    lines = ["", "## Equal compute", "",
+             f"Step costs measured interleaved on this protocol's model and batch ({costs['rounds']} rounds of "
+             f"{costs.get('steps_per_block', 1)} steps per rule, medians, same machine); budgets in sgd steps (steps taken x step cost / sgd's), up to the "
+             "largest every run reached.", "",
+             "| rule | ms / step (interleaved) | cost / sgd | " + " | ".join(f"test acc @ {c:.0f} sgd steps" for c in budgets) + " |",
+             "|---|---|---|" + "---|" * len(budgets)]
+    for r in rules:
+        cells = []
+        for values in acc[r]:
+            m, sd = mean_std(values)
+            cells.append(f"{m:.4f} ± {sd:.4f}")
+        lines.append(f"| {r} | {costs['ms_per_step'][r]:.1f} | {ratio[r]:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired t-test over seeds at equal compute (rule minus baseline); * = significant at 0.05.", "",
+              "| rule | vs | " + " | ".join(f"@ {c:.0f}" for c in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
+    for baseline in ("sgd", "sam"):
+        for r in rules:
+            if r == baseline:
+                continue
+            cells = []
+            for i in range(len(budgets)):
+                test = paired_test(acc[r][i], acc[baseline][i])
+                star = "*" if test["p_t"] == test["p_t"] and test["p_t"] < 0.05 else ""
+                cells.append(f"{test['mean_difference']:+.4f} (p {test['p_t']:.2f}){star}")
+            lines.append(f"| {r} | {baseline} | " + " | ".join(cells) + " |")
+    best = []
+    for i, c in enumerate(budgets):
+        means = {r: mean_std(acc[r][i])[0] for r in rules}
+        winner = max(means, key=lambda r: means[r] if means[r] == means[r] else -1)
+        best.append(f"@ {c:.0f} sgd steps: {winner} ({means[winner]:.4f})")
+    return lines + ["", "Highest mean test accuracy at equal compute: " + "; ".join(best) + ".", ""]
 
 
 def main(argv=None) -> int:
@@ -135,15 +225,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="docs/flat-minima")
     parser.add_argument("--machine-note", default="", help="what else ran on the machine (written into the tables)")
+    parser.add_argument("--measure-costs", action="store_true", help="time each rule's step interleaved, add it to "
+                        "OUT/{protocol}.json and rewrite the tables (no training)")
     parser.add_argument("--tables-only", action="store_true", help="rewrite OUT/{protocol}.md and the plot from "
                         "OUT/{protocol}.json (no training)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     checkpoints = [args.budget / 3, 2 * args.budget / 3, args.budget]
-    if args.tables_only:
+    if args.tables_only or args.measure_costs:
         for protocol in args.protocols.split(","):
-            with open(os.path.join(args.out, f"{protocol}.json")) as handle:
+            path = os.path.join(args.out, f"{protocol}.json")
+            with open(path) as handle:
                 results = json.load(handle)
+            if args.measure_costs:
+                results["step_costs"] = measure_step_costs(protocol)
+                with open(path, "w") as handle:
+                    json.dump(results, handle, indent=1, default=float)
             write_tables(results, [results["time_budget"] * k / 3 for k in (1, 2, 3)], protocol, args.out)
         return 0
     for protocol in args.protocols.split(","):
