@@ -120,8 +120,11 @@ CASES = [
     ZooCase("timm mobilenetv3_small_100 (BatchNormAct2d, hard-swish)", timm_model("mobilenetv3_small_100", drop_rate=0.0),
             TRAIN, min_fast=1.0, penalty=False),  # torch has no double backward for Hardsigmoid: no penalty gradient at all
     ZooCase("timm convnext_atto (layer scale)", timm_model("convnext_atto", ls_init_value=0.5)),
-    # timm vit_tiny with LayerScale: norms exact with 99.98% on fast rules (cls_token / pos_embed on the root), but the
-    # penalty's double backward fails in timm's fused CPU SDPA (no derivative of its backward): not in this list yet
+    # timm vit_tiny with LayerScale: cls_token (torch.cat of its batch expansion) and pos_embed on the root are sites;
+    # the penalty's double backward fails in timm's fused CPU SDPA (torch has no derivative of its backward)
+    ZooCase("timm vit_tiny (layer scale, cls_token)", timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+                                                                 embed_dim=16, depth=2, num_heads=2, init_values=0.5),
+            penalty=False),
 ]
 
 
