@@ -493,3 +493,35 @@ def test_parameter_mixed_with_batched_data_without_grad_is_not_a_parameter_tenso
     model = _BatchedConstant(4).double()
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 4, (3,))
     check_against_loop(model, lambda m: m(x), lambda out: _losses(out, y))
+
+
+class _Windows(nn.Module):
+    """Swin's pattern: rows of windows, [B * windows, ...], not provably batch-first (a permuted copy), through the
+    module's own weight; the output is then modified in place by the next layer (ReLU(inplace=True))."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x):  # x [B, T, d], T even: windows of 2 positions
+        B, T, d = x.shape
+        # windows of positions (i, i + T/2): a copy, so the rows are only checked, not proven batch-first
+        rows = x.view(B, 2, T // 2, d).transpose(1, 2).reshape(B * T // 2, 2, d)
+        out = F.linear(rows, self.weight)  # [B * T/2, 2, d]
+        return out.view(B, T // 2, 2, d).transpose(1, 2).reshape(B, T, d)
+
+
+def test_window_rows_are_checked_and_exact_with_an_in_place_op_after():
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _Windows(), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
+    x, y = torch.randn(3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    forward = lambda m: m(x).mean(1)  # noqa: E731
+    check_against_loop(model, forward, lambda out: _losses(out, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastcurv.capture.GenericRuleWarning)  # the fallback is not needed
+        with capture(model) as cap:
+            out = forward(model)
+        cap.per_example_sqnorms(_losses(out, y))
+    assert not next(l for l in cap.layers if l.name == "1").generic_params
