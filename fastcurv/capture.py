@@ -259,6 +259,10 @@ class Capture:
     def _report_generic(self) -> None:
         """After a forward: :attr:`generic` keeps the modules some of whose parameters the functional
         rules could not serve (said once, with the operation), and drops the others."""
+        if any(layer.records for layer in self._layers):
+            for layer in self._layers:
+                if not layer.records:  # never called (T5/BART's shared): it serves nothing, by no rule
+                    self.generic.pop(layer.name, None)
         for layer in self._layers:
             if isinstance(layer, FunctionalLayer) and layer.records:
                 slow = layer.generic_params

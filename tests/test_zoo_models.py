@@ -203,6 +203,8 @@ def run_case(case: ZooCase, mode: str, penalty: bool = True) -> float:
             torch.testing.assert_close(g, w, atol=case.penalty_atol * max(scale, 1.0), rtol=1e-6,
                                        msg=lambda m, name=name: f"penalty gradient of {name}: {m}")
     fraction = fast_fraction(model, cap)
+    called = {layer.name for layer in cap.layers}
+    assert set(cap.generic) <= called, f"cap.generic names modules that were not called: {set(cap.generic) - called}"
     cap.clear()
     return fraction
 
