@@ -651,15 +651,7 @@ class Capture:
 
         def nodes_of(r):
             if id(r) not in inside:
-                stop = {t.grad_fn for t in _tensors(r.args, r.kwargs, r.input) if t.grad_fn is not None}
-                seen, todo = set(), [r.edge.node]
-                while todo:
-                    node = todo.pop()
-                    if node is None or node in seen or node in stop:
-                        continue
-                    seen.add(node)
-                    todo.extend(fn for fn, _ in node.next_functions)
-                inside[id(r)] = seen
+                inside[id(r)] = _record_nodes(r)
             return inside[id(r)]
 
         resolved = [r for r in resolved if id(r) in found]
@@ -736,15 +728,7 @@ class Capture:
         for layer in self._layers:
             nodes = inside.setdefault(id(layer), set())
             for r in layer.records:  # one walk per record: a functional site's nodes lie inside its module's call
-                stop = {t.grad_fn for t in _tensors(r.args, r.kwargs, r.input) if t.grad_fn is not None}
-                todo, seen = [r.edge.node if r.edge is not None else None], set()
-                while todo:
-                    node = todo.pop()
-                    if node is None or node in seen or node in stop:
-                        continue
-                    seen.add(node)
-                    todo.extend(fn for fn, _ in node.next_functions)
-                nodes |= seen
+                nodes |= _record_nodes(r)
         leaves = {id(leaf.params[0][1]) for leaf in self._leaves or ()}  # every use counted by the batched backward
         for node, fn in _graph_edges(losses):
             var = getattr(fn, "variable", None)
@@ -981,6 +965,19 @@ def _pop_active(module, args, output):
     calls = active_calls()
     if calls and calls[-1] is module:
         calls.pop()
+
+
+def _record_nodes(r) -> set:
+    """The autograd nodes a recorded call created: from its output's edge down to its inputs."""
+    stop = {t.grad_fn for t in _tensors(r.args, r.kwargs, r.input) if t.grad_fn is not None}
+    todo, seen = [r.edge.node if r.edge is not None else None], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return seen
 
 
 def _tensors(args, kwargs, first) -> list[torch.Tensor]:

@@ -415,13 +415,18 @@ class _Broadcast(CapturedLayer):
         total = 0
         for r, d in zip(self.records, deltas):
             x, d = common_dtype(r.input, d)
-            g = d * x if self.kind == "scale" else d
-            lead = g.ndim - len(self.shape)  # w is right-aligned with x: sum its missing dims and its size-1 dims
-            dims = tuple(range(1, lead)) + tuple(lead + k for k, n in enumerate(self.shape)
-                                                 if n == 1 and lead + k > 0 and g.shape[lead + k] != 1)
-            g = g.sum(dims, keepdim=True) if dims else g
-            total = total + g.reshape(g.shape[0], *self.shape)
+            total = total + _per_example_broadcast_sum(d * x if self.kind == "scale" else d, self.shape)
         return [total]
+
+
+def _per_example_broadcast_sum(g: torch.Tensor, shape) -> torch.Tensor:
+    """``[B, ...]`` per-example gradients of a broadcast result -> ``[B, *shape]`` of the tensor broadcast (right-
+    aligned with it): summed over its missing dims and its size-1 dims."""
+    lead = g.ndim - len(shape)
+    dims = tuple(range(1, lead)) + tuple(lead + k for k, n in enumerate(shape)
+                                         if n == 1 and lead + k > 0 and g.shape[lead + k] != 1)
+    g = g.sum(dims, keepdim=True) if dims else g
+    return g.reshape(g.shape[0], *shape)
 
 
 class _SdpaMask(CapturedLayer):
@@ -445,11 +450,7 @@ class _SdpaMask(CapturedLayer):
             P = torch.softmax(q @ k.transpose(-1, -2) * scale + m, dim=-1)
             dP = d @ v.transpose(-1, -2)
             dS = P * (dP - (dP * P).sum(-1, keepdim=True))
-            lead = dS.ndim - m.ndim
-            dims = tuple(range(1, lead)) + tuple(lead + j for j, n in enumerate(m.shape)
-                                                 if n == 1 and lead + j > 0 and dS.shape[lead + j] != 1)
-            g = dS.sum(dims, keepdim=True) if dims else dS
-            total = total + g.reshape(g.shape[0], *m.shape)
+            total = total + _per_example_broadcast_sum(dS, tuple(m.shape))
         return [total]
 
 
