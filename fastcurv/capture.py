@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_leaves
 from fastcurv.layers import FunctionalLayer, GenericLayer, registered_types, rule_for
 from fastcurv.layers.base import CapturedLayer, Record, describe, rows
 from fastcurv.layers.embedding import EmbeddingLayer
-from fastcurv.layers.functional import active_calls
+from fastcurv.layers.functional import active_calls, walk_graph
 from fastcurv.layers.linear import LinearLayer
 from fastcurv.layers.generic import replaying
 from fastcurv.layers.reparam import ReparamLayer, check_plain_weights, parametrization_prefixes, reparametrized
@@ -970,14 +970,7 @@ def _pop_active(module, args, output):
 def _record_nodes(r) -> set:
     """The autograd nodes a recorded call created: from its output's edge down to its inputs."""
     stop = {t.grad_fn for t in _tensors(r.args, r.kwargs, r.input) if t.grad_fn is not None}
-    todo, seen = [r.edge.node if r.edge is not None else None], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen or node in stop:
-            continue
-        seen.add(node)
-        todo.extend(fn for fn, _ in node.next_functions)
-    return seen
+    return walk_graph([r.edge.node if r.edge is not None else None], stop)
 
 
 def _tensors(args, kwargs, first) -> list[torch.Tensor]:

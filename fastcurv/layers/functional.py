@@ -880,7 +880,8 @@ def _rows_per_example(s: _Site, B: int, inputs, outputs, shareable: bool = False
     return -(n // B) if n > B else None
 
 
-def _walk(starts, stops) -> set:
+def walk_graph(starts, stops) -> set:
+    """The autograd nodes reachable from ``starts`` without passing ``stops``."""
     nodes, todo = set(), list(starts)
     while todo:
         node = todo.pop()
@@ -902,10 +903,10 @@ def _uncovered(params, sites, outputs, inputs, own=None) -> dict[int, str]:
         if node is None:
             continue
         site_outputs.add(node)
-        for node in _walk([node], {t.grad_fn for t in (s.data,) + tuple(s.others)} - {None}):
+        for node in walk_graph([node], {t.grad_fn for t in (s.data,) + tuple(s.others)} - {None}):
             owners.setdefault(node, set()).add(j)
     slow: dict[int, str] = {}
-    module_nodes = _walk([t.grad_fn for t in outputs], {t.grad_fn for t in inputs} - {None})
+    module_nodes = walk_graph([t.grad_fn for t in outputs], {t.grad_fn for t in inputs} - {None})
     for node in module_nodes:
         mine = owners.get(node, set())
         for fn, _ in node.next_functions:
