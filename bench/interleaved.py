@@ -9,7 +9,8 @@ Groups: ``rules-mlp`` (every learning rule vs sgd), ``subbatch-{mlp,cnn,resnet18
 sgd step; ResNet-18 with train-mode BatchNorm), ``regstep-{mlp,cnn,resnet18}`` (the curvature-regularized
 step, SAM and GNP vs a plain step), ``flat-{mlp,cnn,resnet18}`` (issue 18: full training steps, optimizer
 included, of sgd, sam, gnp, looksam, curvature exact, ``subsample=B/8`` and ``every=4``, all as rules of
-``fastcurv.train``; looksam and every=4 are averaged over their cycle because the rounds run them in turn).
+``fastcurv.train``; looksam and every=4 are timed over whole cycles, k steps per call, and reported per step,
+since the median of single steps would pick a cheap reuse step).
 Issue 19 (``bench/curvature_groups.py``): ``ggn-mlp`` (GGN products vs curvlinops, K = 1 and 8, per vector),
 ``density-mlp`` (SLQ density vs PyHessian's ``density()``, accuracy against the dense spectrum printed beside
 the times), ``statistics-mlp`` (noise scale and GraNd on a training step). ``--quick``: tiny sizes and 3
@@ -39,32 +40,58 @@ import zoo_steps  # noqa: E402
 from test_bench_steps import REGSTEP, rule_step, rules_case, step_case, subbatch_steps  # noqa: E402
 
 from fastcurv.train import RULES  # noqa: E402
+from fastcurv.train.rules import DEFAULTS as RULE_DEFAULTS  # noqa: E402
 
 GROUPS = (["rules-mlp"] + [f"{kind}-{case}" for kind in ("subbatch", "regstep", "flat") for case in ("mlp", "cnn", "resnet18")]
           + list(curvature_groups.GROUPS) + zoo_steps.ZOO_GROUPS)
 
 
+def cycle_of(rule: str, options: dict) -> int:
+    """Steps in one cycle of a rule whose steps differ in cost (looksam: one SAM step then k - 1 reuses;
+    curvature every=k: one computing step then k - 1 reuses); 1 for the others. A timed call runs a whole
+    cycle and reports the mean step, since the median of single steps would be a cheap step."""
+    if rule == "looksam":
+        return int(options.get("k", RULE_DEFAULTS["looksam"]["k"]))
+    if rule == "curvature":
+        return int(options.get("every", 1))
+    return 1
+
+
+def rule_cycle(rule: str, model, x, y, **options):
+    """``(call, divisor)``: one call runs a whole cycle of the rule's steps, ``divisor`` of them."""
+    step, k = rule_step(rule, model, x, y, **options), cycle_of(rule, options)
+    if k == 1:
+        return step, 1
+
+    def whole_cycle():
+        for _ in range(k):
+            step()
+
+    return whole_cycle, k
+
+
 def flat_contenders(model, x, y) -> dict:
-    """Issue 18's step costs: each contender is one training step of a rule (own optimizer, one model)."""
+    """Issue 18's step costs: each contender is a training step of a rule (own optimizer, one model);
+    looksam and every=4 are timed over whole cycles (mean step)."""
     b = max(x.shape[0] // 8, 1)
     specs = {"sgd": ("sgd", {}), "sam": ("sam", {}), "gnp": ("gnp", {}), "looksam (k=5)": ("looksam", {}),
              "curvature exact": ("curvature", {"alpha": 1e-3}),
              f"curvature subsample={b} (B/8)": ("curvature", {"alpha": 1e-3, "subsample": b}),
              "curvature every=4": ("curvature", {"alpha": 1e-3, "every": 4})}
-    return {name: rule_step(rule, model, x, y, **options) for name, (rule, options) in specs.items()}
+    return {name: rule_cycle(rule, model, x, y, **options) for name, (rule, options) in specs.items()}
 
 
 def contenders(group: str, dev=torch.device("cpu")) -> dict:
-    """name -> a zero-argument step, first the baseline."""
+    """name -> (a zero-argument call, steps per call), first the baseline."""
     kind, case = group.split("-", 1)
     if kind == "rules":
-        return {rule: rule_step(rule, *rules_case(dev)) for rule in RULES}
+        return {rule: rule_cycle(rule, *rules_case(dev)) for rule in RULES}
     if kind == "subbatch":
-        return subbatch_steps(*step_case(case, dev, train_batchnorm=True))
+        return {name: (step, 1) for name, step in subbatch_steps(*step_case(case, dev, train_batchnorm=True)).items()}
     if kind == "flat":
         return flat_contenders(*step_case(case, dev))
     model, x, y = step_case(case, dev)
-    return {name: (lambda fn=REGSTEP[name](model): fn(model, x, y)) for name in ("plain_step", "fastcurv", "sam", "gnp")}
+    return {name: ((lambda fn=REGSTEP[name](model): fn(model, x, y)), 1) for name in ("plain_step", "fastcurv", "sam", "gnp")}
 
 
 def device_name(dev: torch.device) -> str:
@@ -81,7 +108,7 @@ def group_tables(group: str, dev: torch.device, quick: bool) -> list:
     if group in curvature_groups.GROUPS:
         steps, notes = curvature_groups.contenders(group, quick)
         return [(group, steps, notes, {})]
-    return [(group, {name: (step, 1) for name, step in contenders(group, dev).items()}, {}, {})]
+    return [(group, contenders(group, dev), {}, {})]
 
 
 def main(argv=None) -> int:
