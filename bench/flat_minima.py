@@ -128,6 +128,37 @@ def run(protocol: str, budget: float, seeds: int) -> dict:
     return results
 
 
+def _mean_cells(per_budget: list[list[float]]) -> str:
+    """One table row's ``mean ± std`` cells, a budget each."""
+    return " | ".join("{:.4f} ± {:.4f}".format(*mean_std(values)) for values in per_budget)
+
+
+def _paired_rows(acc: dict, rules: list[str], n_budgets: int) -> list[str]:
+    """Paired t-test rows, every rule against sgd and against sam, a cell per budget."""
+    rows = []
+    for baseline in ("sgd", "sam"):
+        for r in rules:
+            if r == baseline:
+                continue
+            cells = []
+            for i in range(n_budgets):
+                test = paired_test(acc[r][i], acc[baseline][i])
+                star = "*" if test["p_t"] == test["p_t"] and test["p_t"] < 0.05 else ""
+                cells.append(f"{test['mean_difference']:+.4f} (p {test['p_t']:.2f}){star}")
+            rows.append(f"| {r} | {baseline} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _winners(acc: dict, rules: list[str], labels: list[str]) -> str:
+    """The rule with the highest mean accuracy at each budget (``labels[i]`` names budget i)."""
+    best = []
+    for i, label in enumerate(labels):
+        means = {r: mean_std(acc[r][i])[0] for r in rules}
+        winner = max(means, key=lambda r: means[r] if means[r] == means[r] else -1)
+        best.append(label.format(winner=winner, mean=means[winner]))
+    return "; ".join(best)
+
+
 def tables(results: dict, checkpoints: list[float]) -> str:
     rules = list(results["rules"])
     env = results["environment"]
@@ -147,31 +178,14 @@ def tables(results: dict, checkpoints: list[float]) -> str:
         runs = results["rules"][r]["runs"]
         steps, _ = mean_std([run["steps_taken"] for run in runs])
         ms, _ = mean_std([1e3 * run["time_per_step"] for run in runs])
-        cells = []
-        for values in acc[r]:
-            m, s = mean_std(values)
-            cells.append(f"{m:.4f} ± {s:.4f}")
-        lines.append(f"| {r} | {steps:.0f} | {ms:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r} | {steps:.0f} | {ms:.1f} | " + _mean_cells(acc[r]) + " |")
     lines += ["", "Paired t-test over seeds (fastcurv.reproduce.verdict.paired_test), difference in test accuracy "
               "(rule minus baseline), p two-sided; * = significant at 0.05.", "",
               "| rule | vs | " + " | ".join(f"@ {t:.3g} s" for t in checkpoints) + " |",
               "|---|---|" + "---|" * len(checkpoints)]
-    for baseline in ("sgd", "sam"):
-        for r in rules:
-            if r == baseline:
-                continue
-            cells = []
-            for i in range(len(checkpoints)):
-                test = paired_test(acc[r][i], acc[baseline][i])
-                star = "*" if test["p_t"] == test["p_t"] and test["p_t"] < 0.05 else ""
-                cells.append(f"{test['mean_difference']:+.4f} (p {test['p_t']:.2f}){star}")
-            lines.append(f"| {r} | {baseline} | " + " | ".join(cells) + " |")
-    best = []
-    for i, t in enumerate(checkpoints):
-        means = {r: mean_std(acc[r][i])[0] for r in rules}
-        winner = max(means, key=lambda r: means[r] if means[r] == means[r] else -1)
-        best.append(f"@ {t:.3g} s: highest mean {winner} ({means[winner]:.4f})")
-    lines += ["", "Highest mean test accuracy per budget: " + "; ".join(best) + "."]
+    lines += _paired_rows(acc, rules, len(checkpoints))
+    labels = [f"@ {t:.3g} s: highest mean {{winner}} ({{mean:.4f}})" for t in checkpoints]
+    lines += ["", "Highest mean test accuracy per budget: " + _winners(acc, rules, labels) + "."]
     if "step_costs" in results:
         lines += equal_compute_tables(results)
     return "\n".join(lines) + "\n"
@@ -193,29 +207,12 @@ def equal_compute_tables(results: dict) -> list[str]:
              "| rule | ms / step (interleaved) | cost / sgd | " + " | ".join(f"test acc @ {c:.0f} sgd steps" for c in budgets) + " |",
              "|---|---|---|" + "---|" * len(budgets)]
     for r in rules:
-        cells = []
-        for values in acc[r]:
-            m, sd = mean_std(values)
-            cells.append(f"{m:.4f} ± {sd:.4f}")
-        lines.append(f"| {r} | {costs['ms_per_step'][r]:.1f} | {ratio[r]:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r} | {costs['ms_per_step'][r]:.1f} | {ratio[r]:.2f} | " + _mean_cells(acc[r]) + " |")
     lines += ["", "Paired t-test over seeds at equal compute (rule minus baseline); * = significant at 0.05.", "",
               "| rule | vs | " + " | ".join(f"@ {c:.0f}" for c in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
-    for baseline in ("sgd", "sam"):
-        for r in rules:
-            if r == baseline:
-                continue
-            cells = []
-            for i in range(len(budgets)):
-                test = paired_test(acc[r][i], acc[baseline][i])
-                star = "*" if test["p_t"] == test["p_t"] and test["p_t"] < 0.05 else ""
-                cells.append(f"{test['mean_difference']:+.4f} (p {test['p_t']:.2f}){star}")
-            lines.append(f"| {r} | {baseline} | " + " | ".join(cells) + " |")
-    best = []
-    for i, c in enumerate(budgets):
-        means = {r: mean_std(acc[r][i])[0] for r in rules}
-        winner = max(means, key=lambda r: means[r] if means[r] == means[r] else -1)
-        best.append(f"@ {c:.0f} sgd steps: {winner} ({means[winner]:.4f})")
-    return lines + ["", "Highest mean test accuracy at equal compute: " + "; ".join(best) + ".", ""]
+    lines += _paired_rows(acc, rules, len(budgets))
+    labels = [f"@ {c:.0f} sgd steps: {{winner}} ({{mean:.4f}})" for c in budgets]
+    return lines + ["", "Highest mean test accuracy at equal compute: " + _winners(acc, rules, labels) + ".", ""]
 
 
 def main(argv=None) -> int:
